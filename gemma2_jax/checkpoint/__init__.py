@@ -1,0 +1,108 @@
+"""Weights import/export: HF safetensors, Kaggle Flax (Orbax), and our native Orbax layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma2_jax.checkpoint import hf, kaggle, native
+from gemma2_jax.checkpoint.errors import CheckpointError
+from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.transformer import Transformer
+
+FORMATS = ("hf", "native", "kaggle")
+_MODULES = {"hf": hf, "native": native, "kaggle": kaggle}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+  path = Path(path)
+  if not path.exists():
+    raise CheckpointError(f"checkpoint path {path} does not exist")
+  if not path.is_dir():
+    raise CheckpointError(f"checkpoint path {path} is not a directory (expected an HF, Kaggle or "
+                          "native checkpoint directory)")
+  if native.is_native_dir(path):
+    return "native"
+  if hf.is_hf_dir(path):
+    return "hf"
+  if kaggle.is_orbax_dir(path):
+    return "kaggle"
+  raise CheckpointError(f"{path} is not a recognised checkpoint: expected config.json + "
+                        "*.safetensors (HF), an Orbax tree (Kaggle), or gemma2_jax.json (native)")
+
+
+def load_params(path: str | os.PathLike, dtype="float32", *, config: ModelConfig | None = None,
+                progress=None) -> tuple[ModelConfig, dict]:
+  """Reads any supported checkpoint into (config, host numpy params in `dtype`)."""
+  path = Path(path)
+  fmt = detect_format(path)
+  dtype = np.dtype(dtype)
+  cfg, params = _MODULES[fmt].load(path, dtype, config=config, progress=progress)
+  return cfg.replace(param_dtype=dtype.name), params
+
+
+def load_model(path: str | os.PathLike, dtype="float32", *, compute_dtype=None,
+               config: ModelConfig | None = None, **config_overrides) -> Transformer:
+  """Loads an HF safetensors dir, a Kaggle Flax checkpoint or a native checkpoint as a model.
+
+  `dtype` is the parameter dtype (and the compute dtype unless `compute_dtype` is given); extra
+  keyword arguments override ModelConfig fields that do not change shapes (e.g. attention_impl).
+  """
+  cfg, params = load_params(path, dtype, config=config)
+  cfg = cfg.replace(dtype=np.dtype(compute_dtype or dtype).name, **config_overrides)
+  # Move leaf by leaf so host and device copies never both hold the whole model.
+  params = _map_pop(params, jnp.asarray)
+  return Transformer.from_params(cfg, params)
+
+
+def _map_pop(tree: dict, fn) -> dict:
+  out = {}
+  for key in list(tree):
+    value = tree.pop(key)
+    out[key] = _map_pop(value, fn) if isinstance(value, dict) else fn(value)
+    del value
+  return out
+
+
+def save_params(params: dict, cfg: ModelConfig, path: str | os.PathLike, format: str = "native",
+                dtype=None, *, progress=None, **kwargs) -> Path:
+  """Writes params in `format` to a new directory `path` (refuses to overwrite a non-empty one).
+
+  The files are written to a temporary sibling directory and moved into place at the end, so an
+  interrupted save never leaves a half-written checkpoint at `path`.
+  """
+  if format not in FORMATS:
+    raise CheckpointError(f"unknown format {format!r}; choose one of {FORMATS}")
+  path = Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise CheckpointError(f"output path {path} already exists and is not empty; choose a new "
+                          "directory (existing checkpoints are never overwritten)")
+  dtype = np.dtype(dtype or cfg.param_dtype)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp_parent = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+  try:
+    tmp = tmp_parent / "out"  # each format's writer creates its directory
+    _MODULES[format].save(params, cfg, tmp, dtype, progress=progress, **kwargs)
+    if path.exists():
+      path.rmdir()
+    os.replace(tmp, path)
+  finally:
+    shutil.rmtree(tmp_parent, ignore_errors=True)
+  return path
+
+
+def save_model(model: Transformer, path: str | os.PathLike, format: str = "native", dtype=None,
+               **kwargs) -> Path:
+  """Writes `model` as 'hf' (config.json + safetensors), 'native' or 'kaggle' to a new dir."""
+  params = jax.tree.map(np.asarray, model.params())
+  return save_params(params, model.config, path, format, dtype, **kwargs)
+
+
+__all__ = ["FORMATS", "CheckpointError", "detect_format", "load_model", "load_params",
+           "save_model", "save_params"]

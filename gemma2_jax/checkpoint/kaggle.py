@@ -1,0 +1,122 @@
+"""Kaggle / google-deepmind `gemma` Flax checkpoints: an Orbax tree with raw keys
+`transformer/layer_{i}/attn/q_einsum/w` etc. (nested or '/'-joined; both are read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gemma2_jax.checkpoint.errors import CheckpointError
+from gemma2_jax.checkpoint.mapping import Entry, export_tensors, read_params
+from gemma2_jax.model.config import ModelConfig, gemma2_2b, gemma2_9b, gemma2_27b
+
+_T = "transformer/"
+_L = _T + "layer_{i}/"
+
+
+def _is_2b_layout(cfg: ModelConfig) -> bool:
+  """The released 2B stores gating as (2, D, F); 9B/27B as (2, F, D)."""
+  return (cfg.d_model, cfg.num_layers, cfg.ffn_dim) == (2304, 26, 9216)
+
+
+def entries(cfg: ModelConfig, gating_transposed: bool | None = None) -> list[Entry]:
+  D, F = cfg.d_model, cfg.ffn_dim
+  if gating_transposed is None:
+    gating_transposed = _is_2b_layout(cfg)
+
+  def gating_to_native(w):
+    if w.shape[1:] == (F, D):
+      return w
+    if w.shape[1:] == (D, F):
+      return w.transpose(0, 2, 1)
+    return w  # wrong shape: reported by read_params with the tensor name
+
+  swap = (lambda w: w.transpose(0, 2, 1)) if gating_transposed else (lambda w: w)
+  norms = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")
+  return [
+    Entry(_T + "embedder/input_embedding", ("embedder", "input_embedding")),
+    Entry(_L + "attn/q_einsum/w", ("layers", "attn", "q_einsum")),
+    Entry(_L + "attn/kv_einsum/w", ("layers", "attn", "kv_einsum")),
+    Entry(_L + "attn/attn_vec_einsum/w", ("layers", "attn", "attn_vec_einsum")),
+    Entry(_L + "mlp/gating_einsum", ("layers", "mlp", "gating_einsum"),
+          to_native=gating_to_native, from_native=swap),
+    Entry(_L + "mlp/linear", ("layers", "mlp", "linear")),
+    *[Entry(_L + f"{n}/scale", ("layers", n, "scale")) for n in norms],
+    Entry(_T + "final_norm/scale", ("final_norm", "scale")),
+  ]
+
+
+def _flatten(tree, prefix="") -> dict:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def infer_config(shapes: dict[str, tuple]) -> ModelConfig:
+  """Shapes -> config; query_pre_attn_scalar comes from the matching release (27B: 144)."""
+  try:
+    V, D = shapes[_T + "embedder/input_embedding"]
+    N, _, H = shapes[_T + "layer_0/attn/q_einsum/w"]
+    K = shapes[_T + "layer_0/attn/kv_einsum/w"][1]
+    F = shapes[_T + "layer_0/mlp/linear"][0]
+  except KeyError as e:
+    raise CheckpointError(f"Kaggle checkpoint lacks tensor {e.args[0]!r}") from None
+  L = sum(1 for k in shapes if k.endswith("/attn/q_einsum/w"))
+  for preset in (gemma2_2b, gemma2_9b, gemma2_27b):
+    p = preset()
+    if (p.num_layers, p.d_model, p.num_heads, p.num_kv_heads, p.head_dim, p.ffn_dim) == (
+        L, D, N, K, H, F):
+      return p.replace(vocab_size=V, num_real_tokens=min(V, 256000))
+  return ModelConfig(vocab_size=V, num_layers=L, d_model=D, num_heads=N, num_kv_heads=K,
+                     head_dim=H, ffn_dim=F, query_pre_attn_scalar=H)
+
+
+def is_orbax_dir(path: Path) -> bool:
+  return any((path / m).exists() for m in ("_METADATA", "manifest.ocdbt", "checkpoint",
+                                           "_CHECKPOINT_METADATA"))
+
+
+def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  raw = _flatten(ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+  cfg = config or infer_config({k: v.shape for k, v in raw.items()})
+  table = entries(cfg)
+  expected = {key for e in table for key, _ in e.keys(cfg)}
+  unexpected = sorted(set(raw) - expected)
+  if unexpected:
+    raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} (and "
+                          f"{len(unexpected) - 1} more) for this Gemma 2 config")
+  if progress is not None:
+    progress.reset(total=len(expected))
+
+  def take(key):  # pop so each source tensor is freed once copied
+    if key not in raw:
+      raise CheckpointError(f"Kaggle checkpoint lacks tensor {key!r}")
+    return raw.pop(key)
+
+  return cfg, read_params(cfg, table, take, dtype, progress)
+
+
+def to_raw_tree(params: dict, cfg: ModelConfig, dtype, gating_transposed: bool | None = None):
+  """Our params -> the released raw tree {'transformer/layer_0/attn/q_einsum': {'w': ...}, ...}."""
+  specs, produce = export_tensors(cfg, entries(cfg, gating_transposed), params, dtype,
+                                  vocab_rows=cfg.vocab_size)
+  raw: dict = {}
+  for (key, _, _), value in zip(specs, produce, strict=True):
+    group, leaf = key.rsplit("/", 1)
+    raw.setdefault(group, {})[leaf] = value
+  return raw
+
+
+def save(params: dict, cfg: ModelConfig, path: Path, dtype, progress=None):
+  ocp.PyTreeCheckpointer().save(path.absolute(), to_raw_tree(params, cfg, dtype))

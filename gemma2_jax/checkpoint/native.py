@@ -1,0 +1,71 @@
+"""Our own weights format: `gemma2_jax.json` (format version + ModelConfig) and an Orbax `params/`
+tree in the model's stacked layout, so restoring needs no conversion and can go straight to shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gemma2_jax.checkpoint.errors import CheckpointError
+from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.transformer import param_shapes
+
+MARKER = "gemma2_jax.json"
+FORMAT_VERSION = 1
+
+
+def is_native_dir(path: Path) -> bool:
+  return (path / MARKER).exists()
+
+
+def read_config(path: Path) -> ModelConfig:
+  meta = json.loads((path / MARKER).read_text())
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise CheckpointError(f"{path / MARKER}: format_version {meta.get('format_version')} is not "
+                          f"supported (expected {FORMAT_VERSION})")
+  return ModelConfig.from_dict(meta["model"])
+
+
+def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
+  cfg = config or read_config(path)
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path / "params")
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  stored = {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(v.shape)
+            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  wanted = {"/".join(str(k.key) for k in kp): tuple(s)
+            for kp, s in jax.tree_util.tree_flatten_with_path(
+              param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]}
+  for key, shape in wanted.items():
+    if key not in stored:
+      raise CheckpointError(f"{path}: native checkpoint lacks tensor {key!r}")
+    if stored[key] != shape:
+      raise CheckpointError(f"tensor {key!r}: shape {stored[key]} does not match {shape} expected "
+                            "by the model config")
+  extra = sorted(set(stored) - set(wanted))
+  if extra:
+    raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} in native checkpoint")
+  restore_args = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(dtype)), tree)
+  params = ckptr.restore(path / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  if progress is not None:
+    progress.reset(total=1)
+    progress.update(1)
+  return cfg, params
+
+
+def save(params: dict, cfg: ModelConfig, path: Path, dtype, progress=None):
+  path.mkdir(parents=True, exist_ok=True)
+  dtype = np.dtype(dtype)
+  params = jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
+  ocp.PyTreeCheckpointer().save((path / "params").absolute(), params)
+  meta = {"format_version": FORMAT_VERSION, "model": cfg.replace(param_dtype=dtype.name).to_dict()}
+  (path / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True))
+  if progress is not None:
+    progress.reset(total=1)
+    progress.update(1)

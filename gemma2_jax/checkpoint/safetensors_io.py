@@ -1,0 +1,148 @@
+"""Streaming safetensors reader and writer (no pickle, one tensor in memory at a time).
+
+Format: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}},
+then the raw little-endian tensor bytes. We parse it ourselves so that bf16 reads need no framework,
+a truncated file is reported by tensor name, and writing never builds the whole file in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from gemma2_jax.checkpoint.errors import CheckpointError
+
+_DTYPES = {
+  "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) < 8:
+      raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > size - 8:
+      raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file is "
+                            f"{size} bytes)")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+  header.pop("__metadata__", None)
+  data_start, data_size = 8 + n, size - 8 - n
+  for name, info in header.items():
+    end = info["data_offsets"][1]
+    if end > data_size:
+      raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes up to "
+                            f"{end} of the data section but only {data_size} are present")
+    if info["dtype"] not in _DTYPES:
+      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+  return header, data_start
+
+
+class SafetensorsReader:
+  """Random access to the tensors of one file, a sharded index, or every *.safetensors in a dir."""
+
+  def __init__(self, path: str | os.PathLike):
+    path = Path(path)
+    if path.is_file():
+      files = [path]
+    elif (path / INDEX_FILE).exists():
+      weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+      files = sorted({path / f for f in weight_map.values()})
+      missing = [str(f) for f in files if not f.exists()]
+      if missing:
+        raise CheckpointError(f"{path / INDEX_FILE} names missing shard files: {missing}")
+    else:
+      files = sorted(path.glob("*.safetensors"))
+    if not files:
+      raise CheckpointError(f"{path}: no *.safetensors files found")
+    self._where: dict[str, tuple[Path, dict, int]] = {}
+    for f in files:
+      header, start = _read_header(f)
+      for name, info in header.items():
+        self._where[name] = (f, info, start)
+
+  def keys(self) -> list[str]:
+    return list(self._where)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._where[name][1]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._where:
+      raise CheckpointError(f"tensor {name!r} is missing from the safetensors checkpoint")
+    f, info, start = self._where[name]
+    dtype = _DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    count = (end - begin) // dtype.itemsize
+    if count != int(np.prod(info["shape"], dtype=np.int64)):
+      raise CheckpointError(f"{f}: tensor {name!r}: {end - begin} bytes do not hold shape "
+                            f"{info['shape']} of {info['dtype']}")
+    arr = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=count, offset=start + begin)
+    return arr.astype(dtype, copy=False).reshape(info["shape"])
+
+
+def write_sharded(path: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+                  produce: Iterator[np.ndarray], *, max_shard_bytes: int = 5 * 10**9,
+                  metadata: dict | None = None, progress=None) -> list[Path]:
+  """Writes tensors (declared up front, produced one at a time and in order) into safetensors shards.
+
+  One shard is written as `model.safetensors`; more get HF's `model-0000i-of-0000n.safetensors`
+  names and an index file.
+  """
+  specs = [(name, tuple(shape), np.dtype(dtype)) for name, shape, dtype in tensors]
+  shards: list[list] = [[]]
+  size = 0
+  for spec in specs:
+    nbytes = int(np.prod(spec[1], dtype=np.int64)) * spec[2].itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
+    size += nbytes
+  n = len(shards)
+  names = (["model.safetensors"] if n == 1 else
+           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  weight_map, total, written = {}, 0, []
+  for fname, shard in zip(names, shards, strict=True):
+    header, offset = {}, 0
+    for name, shape, dtype in shard:
+      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      header[name] = {"dtype": _NAMES[dtype], "shape": list(shape),
+                      "data_offsets": [offset, offset + nbytes]}
+      offset += nbytes
+      weight_map[name] = fname
+    total += offset
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    with open(path / fname, "wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for name, shape, dtype in shard:
+        arr = np.ascontiguousarray(next(produce))
+        if arr.shape != shape or arr.dtype != dtype:
+          raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, declared {shape} {dtype}")
+        f.write(memoryview(arr.view(np.uint8).reshape(-1)))
+        if progress is not None:
+          progress.update(1)
+    written.append(path / fname)
+  if n > 1:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+  return written

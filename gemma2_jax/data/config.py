@@ -1,0 +1,130 @@
+"""Typed data configuration; `DataConfig.from_dict` accepts a plain dict or an ml_collections section."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord", "tfds")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+  """One corpus. `paths` are globs (local or anything etils.epath / tf.io.gfile reads).
+
+  format: text | jsonl | parquet | arrayrecord (pre-tokenized, written by prepare_data) | tfds |
+    auto (from the file extension).
+  doc_per: for `text`: "line" (one document per non-empty line) or "file".
+  weight: relative share of packed rows (so roughly of tokens) in a mixture.
+  """
+
+  paths: tuple[str, ...] = ()
+  format: str = "auto"
+  weight: float = 1.0
+  text_field: str = "text"
+  doc_per: str = "line"
+  name: str | None = None
+  tfds_name: str | None = None
+  tfds_split: str = "train"
+  tfds_data_dir: str | None = None
+
+  def __post_init__(self):
+    if isinstance(self.paths, str):
+      object.__setattr__(self, "paths", (self.paths,))
+    else:
+      object.__setattr__(self, "paths", tuple(self.paths))
+    if self.format not in FORMATS:
+      raise ValueError(f"source format {self.format!r} not in {FORMATS}")
+    if self.doc_per not in ("line", "file"):
+      raise ValueError(f"doc_per must be 'line' or 'file', got {self.doc_per!r}")
+    if not self.weight > 0:
+      raise ValueError(f"source weight must be > 0, got {self.weight}")
+    if self.format == "tfds":
+      if not self.tfds_name:
+        raise ValueError("a tfds source needs tfds_name")
+    elif not self.paths:
+      raise ValueError("source has no paths")
+
+  @property
+  def label(self) -> str:
+    return self.name or self.tfds_name or ",".join(self.paths)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """Pipeline configuration (see pipeline.make_train_iterator for the batch layout).
+
+  num_epochs: None = repeat forever (training); eval iterators always make one pass.
+  long_docs: "split" (default; a document longer than a row continues in the next rows),
+    "truncate" (keep its first seq_len + 1 tokens) or "error".
+  bad_utf8: "replace" (U+FFFD, counted and logged) or "fail".
+  bad_records: malformed JSONL line / missing text field: "skip" (counted, logged with
+    file:line) or "fail".
+  tokenize_batch: documents per SentencePiece batch call (amortises Python overhead).
+  num_threads / prefetch: grain read threads and buffered tokenized chunks per process.
+  num_workers: grain worker processes (0 = in-process threads only). The batch sequence depends
+    on num_workers (each worker packs its own slice), so keep it fixed across a resume.
+  """
+
+  sources: tuple[SourceConfig, ...]
+  seq_len: int
+  global_batch: int
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: int | None = None
+  add_bos: bool = True
+  add_eos: bool = True
+  long_docs: str = "split"
+  bad_utf8: str = "replace"
+  bad_records: str = "skip"
+  tokenize_batch: int = 256
+  num_threads: int = 2
+  prefetch: int = 8
+  num_workers: int = 0
+
+  def __post_init__(self):
+    srcs = self.sources
+    if isinstance(srcs, SourceConfig | Mapping):
+      srcs = (srcs,)
+    srcs = tuple(s if isinstance(s, SourceConfig) else SourceConfig(**_plain(s)) for s in srcs)
+    object.__setattr__(self, "sources", srcs)
+    if not srcs:
+      raise ValueError("DataConfig.sources is empty")
+    if self.seq_len < 2:
+      raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+    if self.global_batch < 1:
+      raise ValueError(f"global_batch must be >= 1, got {self.global_batch}")
+    if self.long_docs not in ("split", "truncate", "error"):
+      raise ValueError(f"long_docs must be split|truncate|error, got {self.long_docs!r}")
+    if self.bad_utf8 not in ("replace", "fail"):
+      raise ValueError(f"bad_utf8 must be replace|fail, got {self.bad_utf8!r}")
+    if self.bad_records not in ("skip", "fail"):
+      raise ValueError(f"bad_records must be skip|fail, got {self.bad_records!r}")
+    if self.num_epochs is not None and self.num_epochs < 1:
+      raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
+
+  def replace(self, **kw) -> DataConfig:
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any] | Any) -> DataConfig:
+    d = _plain(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown data config keys: {sorted(unknown)}")
+    return cls(**d)
+
+
+def _plain(d: Any) -> dict:
+  """ConfigDict / FrozenConfigDict / Mapping -> dict (lists of sources stay sequences)."""
+  if hasattr(d, "to_dict"):
+    d = d.to_dict()
+  if not isinstance(d, Mapping):
+    raise TypeError(f"expected a mapping, got {type(d).__name__}")
+  out = dict(d)
+  if "sources" in out and isinstance(out["sources"], Sequence | Mapping):
+    s = out["sources"]
+    out["sources"] = (s,) if isinstance(s, Mapping) else tuple(s)
+  return out

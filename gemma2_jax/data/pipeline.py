@@ -1,0 +1,331 @@
+"""grain pipeline: documents -> SentencePiece ids -> packed rows -> per-process batches.
+
+Per source: random-access documents are shuffled per epoch and sharded per JAX process
+(`_ShardedEpochs`), grouped into chunks that one SentencePiece batch call encodes, flattened back to
+documents, and packed by grain's `ConcatThenSplitIterDataset` into rows of seq_len + 1 tokens.
+Sources are mixed row by row (so weights are shares of tokens), rows are batched and split into
+model inputs and next-token targets. Every stage is a grain iterator, so `get_state()` is small
+(indices and offsets, no data) and `set_state()` resumes exactly.
+
+Batch layout (B = global_batch // process_count, T = seq_len), all numpy:
+  tokens      [B, T] int32  input ids
+  targets     [B, T] int32  next token: targets[b, t] == tokens[b, t + 1] within the row
+  positions   [B, T] int32  position within the document piece (restarts at 0 per segment)
+  segment_ids [B, T] int32  1, 2, ... per document in the row; 0 = padding
+  loss_mask   [B, T] float32  1 where targets[b, t] is the next token of the *same* document;
+                              0 on padding and where tokens[b, t] is the last token of a document
+                              (its "next token" would be the next document's <bos>)
+  target_bytes [B, T] int32  UTF-8 bytes of targets[b, t] where loss_mask, else 0 (bits per byte)
+Rows are packed with T + 1 tokens so that each row trains T predictions. A document longer than a
+row continues in the next row with positions restarting at 0 (no <bos> is inserted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import grain.experimental as gx
+import grain.python as gp
+import numpy as np
+
+from gemma2_jax.data.config import DataConfig
+from gemma2_jax.data.sources import STATS, ArrayRecordTokensSource, DataError, open_source
+from gemma2_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class _ShardedEpochs(grain.MapDataset):
+  """Index k of process `shard` -> document of epoch k // n_local, shuffled with seed + epoch.
+
+  Within an epoch, process p reads global slots p, p + P, p + 2P, ... of the same permutation, so
+  the P processes together read every document exactly once per epoch and nothing else.
+  """
+
+  def __init__(self, parent, *, shard: int, num_shards: int, num_epochs: int | None,
+               seed: int | None, label: str):
+    super().__init__(parent)
+    self._n = len(parent)
+    self._shard, self._num_shards = shard, num_shards
+    self._local = len(range(shard, self._n, num_shards))
+    if self._local == 0:
+      raise DataError(f"source {label!r} has {self._n} documents, fewer than the "
+                      f"{num_shards} processes reading it")
+    self._epochs = num_epochs
+    self._seed = seed
+
+  @property
+  def docs_per_epoch(self) -> int:
+    return self._local
+
+  def __len__(self) -> int:
+    return sys.maxsize if self._epochs is None else self._local * self._epochs
+
+  def __str__(self) -> str:
+    return f"ShardedEpochs(shard={self._shard}/{self._num_shards}, seed={self._seed})"
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    epoch, j = divmod(k, self._local)
+    g = self._shard + j * self._num_shards
+    if self._seed is not None and self._n > 1:
+      g = int(gx.index_shuffle(g, max_index=self._n - 1, seed=(self._seed + epoch) % 2**32,
+                               rounds=4))
+    return self._parent[g]
+
+
+class _TokenizeChunk(grain.transforms.Map):
+  """list of documents (str | token array | None) -> list of {"tokens": int32 [len]}."""
+
+  def __init__(self, tok: Tokenizer | None, cfg: DataConfig, label: str, docs_per_epoch: int):
+    self._tok = tok
+    self._bos, self._eos = cfg.add_bos, cfg.add_eos
+    self._max_len = cfg.seq_len + 1
+    self._long = cfg.long_docs
+    self._label = label
+
+  def map(self, docs):
+    # Whitespace-only lines are not documents (prepare_data skips them the same way).
+    texts = [d for d in docs if isinstance(d, str) and not d.isspace() and d]
+    encoded = iter(self._tok.encode_batch(texts)) if texts else iter(())
+    out = []
+    for d in docs:
+      if d is None or (isinstance(d, str) and (not d or d.isspace())):
+        continue
+      ids = next(encoded) if isinstance(d, str) else d
+      n = len(ids) + self._bos + self._eos
+      if n == self._bos + self._eos:
+        STATS["empty_docs"] += 1
+        continue
+      arr = np.empty(n, np.int32)
+      if self._bos:
+        arr[0] = BOS_ID
+      arr[self._bos:n - self._eos] = ids
+      if self._eos:
+        arr[-1] = EOS_ID
+      if n > self._max_len:
+        STATS["long_docs"] += 1
+        if self._long == "error":
+          raise DataError(f"source {self._label!r}: a document of {n} tokens is longer than a "
+                          f"row of {self._max_len} (long_docs='error')")
+        if self._long == "truncate":
+          arr = arr[:self._max_len]
+      out.append({"tokens": arr})
+    return out
+
+
+class _Flatten(gx.FlatMapTransform):
+  """Chunks back to documents; guards against a source whose every document is skipped."""
+
+  def __init__(self, label: str, max_empty_chunks: int):
+    self._label = label
+    self._max_empty = max_empty_chunks
+    self._empty = 0
+
+  def flat_map(self, chunk):
+    if chunk:
+      self._empty = 0
+    else:
+      self._empty += 1
+      if self._empty > self._max_empty:
+        raise DataError(f"source {self._label!r}: every document of a whole epoch was empty or "
+                        f"skipped as bad input ({dict(STATS)})")
+    return chunk
+
+
+class _ToModelBatch(grain.transforms.Map):
+  """Packed rows of T + 1 -> the documented batch dict."""
+
+  def __init__(self, piece_bytes: np.ndarray):
+    self._piece_bytes = piece_bytes
+
+  def map(self, rows):
+    full = rows["tokens"]  # [B, T+1]
+    seg = rows["tokens_segment_ids"]
+    pos = rows["tokens_positions"]
+    targets = full[:, 1:]
+    mask = (seg[:, :-1] != 0) & (seg[:, 1:] == seg[:, :-1])
+    nbytes = np.take(self._piece_bytes, np.minimum(targets, len(self._piece_bytes) - 1))
+    return {
+        "tokens": np.ascontiguousarray(full[:, :-1], np.int32),
+        "targets": np.ascontiguousarray(targets, np.int32),
+        "positions": np.ascontiguousarray(pos[:, :-1], np.int32),
+        "segment_ids": np.ascontiguousarray(seg[:, :-1], np.int32),
+        "loss_mask": mask.astype(np.float32),
+        "target_bytes": np.where(mask, nbytes, 0).astype(np.int32),
+    }
+
+
+def _check_prepared(src, tok: Tokenizer, label: str) -> None:
+  """ArrayRecord shards carry meta.json from prepare_data; refuse ids from another tokenizer."""
+  meta_path = os.path.join(os.path.dirname(src.files[0]), "meta.json")
+  if not os.path.exists(meta_path):
+    log.warning("source %r: no meta.json next to the shards; cannot verify the tokenizer", label)
+    return
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("tokenizer_sha256") not in (None, tok.sha256):
+    raise DataError(f"source {label!r} was tokenized with {meta.get('tokenizer')} "
+                    f"(sha256 {meta['tokenizer_sha256'][:12]}), not {tok.path} "
+                    f"(sha256 {tok.sha256[:12]}); re-run prepare_data")
+
+
+def _rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: int,
+          num_epochs: int | None, shuffle: bool) -> grain.IterDataset:
+  """Packed rows {"tokens", "tokens_segment_ids", "tokens_positions"} [T+1], mixed."""
+  per_source = []
+  for i, sc in enumerate(cfg.sources):
+    src = open_source(sc, bad_utf8=cfg.bad_utf8, bad_records=cfg.bad_records)
+    if isinstance(src, ArrayRecordTokensSource):
+      _check_prepared(src, tok, sc.label)
+    docs = _ShardedEpochs(grain.MapDataset.source(src), shard=process_index,
+                          num_shards=process_count, num_epochs=num_epochs,
+                          seed=(cfg.seed * 1_000_003 + i) % 2**32 if shuffle else None,
+                          label=sc.label)
+    chunk = max(1, min(cfg.tokenize_batch, docs.docs_per_epoch))
+    ds = docs.batch(chunk, batch_fn=list)
+    ds = ds.map(_TokenizeChunk(tok, cfg, sc.label, docs.docs_per_epoch))
+    ds = ds.to_iter_dataset(gp.ReadOptions(num_threads=cfg.num_threads,
+                                           prefetch_buffer_size=cfg.prefetch))
+    max_empty = -(-docs.docs_per_epoch // chunk) + 1
+    ds = gx.FlatMapIterDataset(ds, _Flatten(sc.label, max_empty))
+    ds = gx.ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len + 1})
+    per_source.append(ds)
+  if len(per_source) == 1:
+    return per_source[0]
+  names = [sc.name or f"source{i}" for i, sc in enumerate(cfg.sources)]
+  if len(set(names)) != len(names):
+    raise DataError(f"source names must be unique in a mixture, got {names}")
+  return grain.IterDataset.mix(dict(zip(names, per_source, strict=True)),
+                               {n: sc.weight for n, sc in zip(names, cfg.sources, strict=True)})
+
+
+class DataIterator(Iterator[dict[str, np.ndarray]]):
+  """Batches of the documented layout; get_state()/set_state() are JSON-serialisable dicts.
+
+  With `pad_to`, a finite pipeline is padded with all-padding batches (loss_mask 0) until `pad_to`
+  batches were produced, so every process of a multi-host eval runs the same number of steps.
+  """
+
+  def __init__(self, ds: grain.IterDataset, *, batch_size: int, seq_len: int,
+               pad_to: int | None = None):
+    self._ds = ds
+    self._it = iter(ds)
+    self.batch_size, self.seq_len = batch_size, seq_len
+    self._pad_to = pad_to
+    self._count = 0
+    self._done = False
+
+  def __iter__(self):
+    return self
+
+  def _empty(self, rows: int) -> dict[str, np.ndarray]:
+    shape = (rows, self.seq_len)
+    out = {k: np.zeros(shape, np.int32) for k in
+           ("tokens", "targets", "positions", "segment_ids", "target_bytes")}
+    out["loss_mask"] = np.zeros(shape, np.float32)
+    return out
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._pad_to is not None and self._count >= self._pad_to:
+      raise StopIteration
+    batch = None
+    if not self._done:
+      try:
+        batch = next(self._it)
+      except StopIteration:
+        self._done = True
+    if batch is None:
+      if self._pad_to is None:
+        raise StopIteration
+      batch = self._empty(self.batch_size)
+    elif len(batch["tokens"]) < self.batch_size:  # last partial batch of a finite pipeline
+      pad = self._empty(self.batch_size - len(batch["tokens"]))
+      batch = {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
+    self._count += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"grain": _jsonable(self._it.get_state()), "count": self._count, "done": self._done}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._it.set_state(_from_json(state["grain"]))
+    self._count = int(state["count"])
+    self._done = bool(state["done"])
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x))
+
+
+def _from_json(x):
+  """grain compares restored slices against tuples; JSON gave lists back."""
+  if isinstance(x, dict):
+    return {k: _from_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_from_json(v) for v in x)
+  return x
+
+
+def _build(cfg: DataConfig, *, process_index: int, process_count: int, tokenizer_path,
+           vocab_size: int | None, num_real_tokens: int | None, num_epochs: int | None,
+           shuffle: bool, drop_remainder: bool):
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if cfg.global_batch % process_count:
+    raise DataError(f"global_batch {cfg.global_batch} is not divisible by process_count "
+                    f"{process_count}")
+  batch = cfg.global_batch // process_count
+  tok = Tokenizer(tokenizer_path, num_threads=cfg.num_threads)
+  tok.check(vocab_size, num_real_tokens=num_real_tokens)
+  ds = _rows(cfg, tok, process_index=process_index, process_count=process_count,
+             num_epochs=num_epochs, shuffle=shuffle)
+  ds = ds.batch(batch, drop_remainder=drop_remainder)
+  ds = ds.map(_ToModelBatch(tok.piece_bytes()))
+  if cfg.num_workers > 0:
+    ds = ds.mp_prefetch(gp.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                  per_worker_buffer_size=2))
+  return ds, batch
+
+
+def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int = 0,
+                        process_count: int = 1, tokenizer_path: str | os.PathLike | bytes,
+                        vocab_size: int | None = None,
+                        num_real_tokens: int | None = None) -> DataIterator:
+  """Shuffled, sharded, packed training batches of B = global_batch // process_count rows.
+
+  Infinite unless cfg.num_epochs is set (then the last partial batch is dropped). Raises
+  DataError at start-up for a missing/empty corpus or a tokenizer that does not fit `vocab_size`.
+  """
+  if not isinstance(cfg, DataConfig):
+    cfg = DataConfig.from_dict(cfg)
+  ds, batch = _build(cfg, process_index=process_index, process_count=process_count,
+                     tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+                     num_real_tokens=num_real_tokens, num_epochs=cfg.num_epochs,
+                     shuffle=cfg.shuffle, drop_remainder=True)
+  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len)
+
+
+def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int = 0,
+                       process_count: int = 1, tokenizer_path: str | os.PathLike | bytes,
+                       vocab_size: int | None = None, num_real_tokens: int | None = None,
+                       num_batches: int | None = None) -> DataIterator:
+  """One deterministic pass in document order (no shuffle); the last batch is padded.
+
+  num_batches: stop after that many batches, padding with empty batches if the data runs out
+  first; set it in multi-host eval so all processes step the same number of times.
+  """
+  if not isinstance(cfg, DataConfig):
+    cfg = DataConfig.from_dict(cfg)
+  ds, batch = _build(cfg, process_index=process_index, process_count=process_count,
+                     tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+                     num_real_tokens=num_real_tokens, num_epochs=1, shuffle=False,
+                     drop_remainder=False)
+  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, pad_to=num_batches)

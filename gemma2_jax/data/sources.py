@@ -1,0 +1,399 @@
+"""Random-access document sources: text lines/files, JSONL, Parquet, pre-tokenized ArrayRecord, TFDS.
+
+Every source is a grain `RandomAccessDataSource`: `len(src)` documents, `src[i]` is a `str` (raw
+text) or an int32 token array (pre-tokenized), or None when a bad record was skipped. Random access
+is what makes global shuffling, per-process sharding and exact resume cheap. Raw text sources build
+a line-offset index at start-up (one sequential scan); for corpora of hundreds of GB, tokenize once
+with `python -m gemma2_jax.prepare_data` and train from the ArrayRecord shards instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob as glob_lib
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from gemma2_jax.data.config import SourceConfig
+
+log = logging.getLogger(__name__)
+
+# Per-process counts of bad input that was repaired or skipped (reported by prepare_data / bench).
+STATS: collections.Counter = collections.Counter()
+_LOG_FIRST = 10  # log each kind of problem for the first few occurrences, then every 1000th
+
+
+class DataError(ValueError):
+  """Bad data or configuration; the message is one line naming the file (and line) at fault."""
+
+
+def _note(kind: str, msg: str) -> None:
+  STATS[kind] += 1
+  n = STATS[kind]
+  if n <= _LOG_FIRST or n % 1000 == 0:
+    log.warning("%s (%s #%d)", msg, kind, n)
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def expand_paths(patterns: Sequence[str] | str) -> list[str]:
+  """Expands globs (local, or gs:// etc. via etils.epath) into a sorted, de-duplicated file list."""
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  files: list[str] = []
+  for pat in patterns:
+    has_glob = any(c in pat for c in "*?[")
+    if _is_remote(pat):
+      from etils import epath  # noqa: PLC0415 -- only needed for remote paths
+
+      if has_glob:
+        parts = pat.split("/")
+        k = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+        root, rest = "/".join(parts[:k]), "/".join(parts[k:])
+        found = sorted(str(p) for p in epath.Path(root).glob(rest))
+      else:
+        found = [pat] if epath.Path(pat).exists() else []
+    elif has_glob:
+      found = sorted(p for p in glob_lib.glob(os.path.expanduser(pat), recursive=True)
+                     if os.path.isfile(p))
+    else:
+      p = os.path.expanduser(pat)
+      if os.path.isdir(p):
+        found = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs
+                       if not f.startswith("."))
+      else:
+        found = [p] if os.path.exists(p) else []
+    if not found:
+      what = "no files match glob" if has_glob else "path does not exist"
+      raise DataError(f"{what}: {pat!r}")
+    files.extend(found)
+  return sorted(dict.fromkeys(files))
+
+
+def infer_format(files: Sequence[str]) -> str:
+  exts = {_ext(f) for f in files}
+  fmts = {_EXT_FORMAT.get(e) for e in exts}
+  if len(fmts) != 1 or None in fmts:
+    raise DataError(f"cannot infer format from extensions {sorted(exts)}; set format= explicitly")
+  return fmts.pop()
+
+
+_EXT_FORMAT = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
+               ".parquet": "parquet", ".arrayrecord": "arrayrecord", ".array_record": "arrayrecord"}
+
+
+def _ext(path: str) -> str:
+  name = os.path.basename(path)
+  for suffix in (".gz", ".zst"):
+    if name.endswith(suffix):
+      raise DataError(f"compressed input is not supported, decompress first: {path}")
+  # ArrayRecord shards are often named foo.array_record-00000-of-00008.
+  if ".array_record" in name or ".arrayrecord" in name:
+    return ".arrayrecord"
+  return os.path.splitext(name)[1].lower()
+
+
+def decode_utf8(raw: bytes, where: str, bad_utf8: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if bad_utf8 == "fail":
+      raise DataError(f"{where}: invalid UTF-8 at byte {e.start} (set bad_utf8='replace' to "
+                      "repair)") from None
+    _note("bad_utf8", f"{where}: invalid UTF-8 at byte {e.start}, replaced with U+FFFD")
+    return raw.decode("utf-8", errors="replace")
+
+
+class _Files:
+  """Thread-safe positional reads; handles are reopened lazily after pickling (grain workers)."""
+
+  def __init__(self, files: Sequence[str]):
+    self.files = list(files)
+    self._handles: dict[int, object] = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {"files": self.files}
+
+  def __setstate__(self, state):
+    self.__init__(state["files"])
+
+  def read(self, f: int, start: int, stop: int) -> bytes:
+    path = self.files[f]
+    if not _is_remote(path):
+      fd = self._handles.get(f)
+      if fd is None:
+        with self._lock:
+          fd = self._handles.setdefault(f, os.open(path, os.O_RDONLY))
+      return os.pread(fd, stop - start, start)
+    from etils import epath  # noqa: PLC0415
+
+    with self._lock:
+      fh = self._handles.get(f)
+      if fh is None:
+        fh = self._handles[f] = epath.Path(path).open("rb")
+      fh.seek(start)
+      return fh.read(stop - start)
+
+  def size(self, f: int) -> int:
+    path = self.files[f]
+    if _is_remote(path):
+      from etils import epath  # noqa: PLC0415
+
+      return epath.Path(path).stat().length
+    return os.path.getsize(path)
+
+  def read_all(self, f: int) -> bytes:
+    path = self.files[f]
+    if _is_remote(path):
+      from etils import epath  # noqa: PLC0415
+
+      return epath.Path(path).read_bytes()
+    with open(path, "rb") as fh:
+      return fh.read()
+
+
+def _line_index(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """uint8 file contents -> (starts, stops, 1-based line numbers) of the non-empty lines."""
+  nl = np.flatnonzero(buf == 10)
+  starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+  stops = np.concatenate([nl, [len(buf)]]).astype(np.int64)
+  # Strip CR of CRLF endings.
+  has_cr = stops > starts
+  has_cr[has_cr] = buf[stops[has_cr] - 1] == 13
+  stops -= has_cr
+  keep = stops > starts
+  lines = np.flatnonzero(keep).astype(np.int64) + 1
+  return starts[keep], stops[keep], lines
+
+
+class LinesSource:
+  """One document per non-empty line of text or JSONL files (JSONL: `text_field` of each object)."""
+
+  def __init__(self, files: Sequence[str], *, jsonl_field: str | None, bad_utf8: str,
+               bad_records: str):
+    self._files = _Files(files)
+    self._field = jsonl_field
+    self._bad_utf8 = bad_utf8
+    self._bad_records = bad_records
+    starts, stops, lines, counts = [], [], [], []
+    for f, path in enumerate(files):
+      if _is_remote(path):
+        buf = np.frombuffer(self._files.read_all(f), np.uint8)
+      elif os.path.getsize(path) == 0:
+        buf = np.zeros(0, np.uint8)
+      else:
+        buf = np.memmap(path, np.uint8, mode="r")
+      s, e, ln = _line_index(buf)
+      del buf
+      starts.append(s)
+      stops.append(e)
+      lines.append(ln)
+      counts.append(len(s))
+    self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    self._stops = np.concatenate(stops) if stops else np.zeros(0, np.int64)
+    self._lines = np.concatenate(lines) if lines else np.zeros(0, np.int64)
+    self._cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self._cum[-1])
+
+  def where(self, i: int) -> str:
+    f = int(np.searchsorted(self._cum, i, side="right")) - 1
+    return f"{self._files.files[f]}:{int(self._lines[i])}"
+
+  def __getitem__(self, i: int) -> str | None:
+    f = int(np.searchsorted(self._cum, i, side="right")) - 1
+    raw = self._files.read(f, int(self._starts[i]), int(self._stops[i]))
+    if self._field is None:
+      return decode_utf8(raw, self.where(i), self._bad_utf8)
+    try:
+      obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      if isinstance(e, UnicodeDecodeError) or "surrogate" in str(e):
+        # Let the UTF-8 policy decide, then parse the repaired text.
+        try:
+          obj = json.loads(decode_utf8(raw, self.where(i), self._bad_utf8))
+        except json.JSONDecodeError as e2:
+          return self._bad(i, f"malformed JSON ({e2.msg})")
+      elif raw.strip():
+        return self._bad(i, f"malformed JSON ({e.msg} at column {e.colno})")
+      else:
+        return None
+    if not isinstance(obj, dict) or self._field not in obj:
+      keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+      return self._bad(i, f"missing text field {self._field!r} (has {keys})")
+    text = obj[self._field]
+    if not isinstance(text, str):
+      return self._bad(i, f"text field {self._field!r} is {type(text).__name__}, not a string")
+    return text
+
+  def _bad(self, i: int, msg: str) -> None:
+    where = self.where(i)
+    if self._bad_records == "fail":
+      raise DataError(f"{where}: {msg} (set bad_records='skip' to skip and count)")
+    _note("bad_records", f"{where}: {msg}; skipped")
+    return None
+
+
+class FilesSource:
+  """One document per whole text file."""
+
+  def __init__(self, files: Sequence[str], *, bad_utf8: str):
+    self._files = _Files(files)
+    self._bad_utf8 = bad_utf8
+
+  def __len__(self) -> int:
+    return len(self._files.files)
+
+  def __getitem__(self, i: int) -> str:
+    return decode_utf8(self._files.read_all(i), self._files.files[i], self._bad_utf8)
+
+
+class ParquetSource:
+  """One document per row of the `text_field` column; row groups are cached (LRU)."""
+
+  _CACHE = 8
+
+  def __init__(self, files: Sequence[str], *, text_field: str, bad_records: str):
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    self._paths = list(files)
+    self._field = text_field
+    self._bad_records = bad_records
+    rg_rows = []
+    for path in self._paths:
+      pf = pq.ParquetFile(path)
+      names = pf.schema_arrow.names
+      if text_field not in names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {names})")
+      rg_rows.append([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    self._index = [(f, g) for f, rows in enumerate(rg_rows) for g in range(len(rows))]
+    sizes = [n for rows in rg_rows for n in rows]
+    self._cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    self._init_runtime()
+
+  def _init_runtime(self):
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._pf: dict[int, object] = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    for k in ("_cache", "_pf", "_lock"):
+      d.pop(k)
+    return d
+
+  def __setstate__(self, d):
+    self.__dict__.update(d)
+    self._init_runtime()
+
+  def __len__(self) -> int:
+    return int(self._cum[-1])
+
+  def _group(self, k: int) -> list:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    with self._lock:
+      if k in self._cache:
+        self._cache.move_to_end(k)
+        return self._cache[k]
+      f, g = self._index[k]
+      if f not in self._pf:
+        self._pf[f] = pq.ParquetFile(self._paths[f])
+      col = self._pf[f].read_row_group(g, columns=[self._field]).column(0).to_pylist()
+      self._cache[k] = col
+      if len(self._cache) > self._CACHE:
+        self._cache.popitem(last=False)
+      return col
+
+  def __getitem__(self, i: int) -> str | None:
+    k = int(np.searchsorted(self._cum, i, side="right")) - 1
+    text = self._group(k)[i - int(self._cum[k])]
+    if isinstance(text, bytes):
+      text = decode_utf8(text, f"{self._paths[self._index[k][0]]} row {i}", "replace")
+    if not isinstance(text, str):
+      f, g = self._index[k]
+      msg = (f"{self._paths[f]} row group {g} row {i - int(self._cum[k])}: text field "
+             f"{self._field!r} is {type(text).__name__}")
+      if self._bad_records == "fail":
+        raise DataError(msg)
+      _note("bad_records", msg + "; skipped")
+      return None
+    return text
+
+
+class ArrayRecordTokensSource:
+  """Pre-tokenized documents written by `prepare_data`: each record is little-endian int32 ids."""
+
+  def __init__(self, files: Sequence[str]):
+    import grain.python as gp  # noqa: PLC0415
+
+    self._src = gp.ArrayRecordDataSource(list(files))
+    self.files = list(files)
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return np.frombuffer(self._src[i], dtype="<i4").astype(np.int32)
+
+
+class TfdsSource:
+  """`tfds.data_source` (random access over ArrayRecord-prepared TFDS datasets)."""
+
+  def __init__(self, name: str, *, split: str, data_dir: str | None, text_field: str,
+               bad_utf8: str):
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    try:
+      self._src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises many types; one line is what users need
+      raise DataError(f"cannot open TFDS {name!r} split {split!r} in data_dir={data_dir!r}: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    self._name = name
+    self._field = text_field
+    self._bad_utf8 = bad_utf8
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __getitem__(self, i: int) -> str:
+    ex = self._src[i]
+    if self._field not in ex:
+      raise DataError(f"TFDS {self._name!r}: no feature {self._field!r} (has {sorted(ex)})")
+    text = ex[self._field]
+    if isinstance(text, np.ndarray):
+      text = text.item()
+    if isinstance(text, bytes):
+      text = decode_utf8(text, f"TFDS {self._name}[{i}]", self._bad_utf8)
+    return text
+
+
+def open_source(sc: SourceConfig, *, bad_utf8: str = "replace", bad_records: str = "skip"):
+  """SourceConfig -> random-access source. Raises DataError (one line) for missing/empty input."""
+  if sc.format == "tfds":
+    src = TfdsSource(sc.tfds_name, split=sc.tfds_split, data_dir=sc.tfds_data_dir,
+                     text_field=sc.text_field, bad_utf8=bad_utf8)
+  else:
+    files = expand_paths(sc.paths)
+    fmt = infer_format(files) if sc.format == "auto" else sc.format
+    if fmt == "text" and sc.doc_per == "file":
+      src = FilesSource(files, bad_utf8=bad_utf8)
+    elif fmt in ("text", "jsonl"):
+      src = LinesSource(files, jsonl_field=sc.text_field if fmt == "jsonl" else None,
+                        bad_utf8=bad_utf8, bad_records=bad_records)
+    elif fmt == "parquet":
+      src = ParquetSource(files, text_field=sc.text_field, bad_records=bad_records)
+    else:
+      src = ArrayRecordTokensSource(files)
+  if len(src) == 0:
+    raise DataError(f"source {sc.label!r}: empty corpus (no non-empty documents)")
+  return src

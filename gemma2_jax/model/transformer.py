@@ -1,0 +1,232 @@
+"""The Gemma 2 decoder as a Flax NNX module with stacked, scanned layers.
+
+Parameters are stored with the Kaggle/Flax names and per-layer shapes, stacked along a leading L axis:
+
+  embedder/input_embedding            [V, D]
+  layers/attn/q_einsum                [L, N, D, H]
+  layers/attn/kv_einsum               [L, 2, K, D, H]   index 0 = k
+  layers/attn/attn_vec_einsum         [L, N, H, D]
+  layers/mlp/gating_einsum            [L, 2, F, D]      index 0 = gelu branch
+  layers/mlp/linear                   [L, F, D]
+  layers/{pre,post}_{attention,ffw}_norm/scale  [L, D]
+  final_norm/scale                    [D]
+
+Layer 2p is local (sliding window), layer 2p+1 global; the forward pass scans over the P = L/2 pairs,
+so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma2_jax.model.attention import attention
+from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.layers import (
+  apply_rope,
+  feed_forward,
+  positions_from_segments,
+  rms_norm,
+  soft_cap,
+)
+
+PADDED_LOGIT = -1e9  # logit of embedding rows past num_real_tokens: zero probability, finite.
+
+_NORMS = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")
+
+# Logical axis names of every parameter, in the order of its shape; sharding rules map these to mesh
+# axes (see gemma2_jax/sharding.py once it exists).
+LOGICAL_AXES = {
+  "embedder": {"input_embedding": ("vocab", "embed")},
+  "final_norm": {"scale": ("norm",)},
+  "layers": {
+    "attn": {
+      "q_einsum": ("layers", "q_heads", "embed", "head_dim"),
+      "kv_einsum": ("layers", None, "kv_heads", "embed", "head_dim"),
+      "attn_vec_einsum": ("layers", "q_heads", "head_dim", "embed"),
+    },
+    "mlp": {
+      "gating_einsum": ("layers", None, "mlp", "embed"),
+      "linear": ("layers", "mlp", "embed"),
+    },
+    **{name: {"scale": ("layers", "norm")} for name in _NORMS},
+  },
+}
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  """The parameter tree as shapes (tuples), in the layout documented above."""
+  V, D, L = cfg.vocab_size, cfg.d_model, cfg.num_layers
+  N, K, H, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
+  return {
+    "embedder": {"input_embedding": (V, D)},
+    "final_norm": {"scale": (D,)},
+    "layers": {
+      "attn": {"q_einsum": (L, N, D, H), "kv_einsum": (L, 2, K, D, H),
+               "attn_vec_einsum": (L, N, H, D)},
+      "mlp": {"gating_einsum": (L, 2, F, D), "linear": (L, F, D)},
+      **{name: {"scale": (L, D)} for name in _NORMS},
+    },
+  }
+
+
+def _normal(rngs: nnx.Rngs, shape, fan_in: int, dtype):
+  return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * (fan_in**-0.5))
+
+
+def _zeros(shape, dtype):
+  return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class Embedder(nnx.Module):
+  def __init__(self, shapes: dict, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+    self.input_embedding = _normal(rngs, shapes["input_embedding"], cfg.d_model, dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, shapes: dict, dtype):
+    self.scale = _zeros(shapes["scale"], dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, shapes: dict, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+    D, N, H = cfg.d_model, cfg.num_heads, cfg.head_dim
+    self.q_einsum = _normal(rngs, shapes["q_einsum"], D, dtype)
+    self.kv_einsum = _normal(rngs, shapes["kv_einsum"], D, dtype)
+    self.attn_vec_einsum = _normal(rngs, shapes["attn_vec_einsum"], N * H, dtype)
+
+
+class FeedForward(nnx.Module):
+  def __init__(self, shapes: dict, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+    self.gating_einsum = _normal(rngs, shapes["gating_einsum"], cfg.d_model, dtype)
+    self.linear = _normal(rngs, shapes["linear"], cfg.ffn_dim, dtype)
+
+
+class Layers(nnx.Module):
+  """All decoder layers' parameters, stacked along a leading L axis."""
+
+  def __init__(self, shapes: dict, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+    self.attn = Attention(shapes["attn"], cfg, rngs=rngs, dtype=dtype)
+    self.mlp = FeedForward(shapes["mlp"], cfg, rngs=rngs, dtype=dtype)
+    for name in _NORMS:
+      setattr(self, name, RMSNorm(shapes[name], dtype))
+
+
+def _block(cfg: ModelConfig, p: dict, x_BTD, positions_BT, segment_ids_BT, *,
+           window: int | None):
+  """One decoder layer; p holds that layer's (unstacked) parameters in the compute dtype."""
+  h_BTD = rms_norm(x_BTD, p["pre_attention_norm"]["scale"], cfg.rms_eps)
+  a = p["attn"]
+  q_BTNH = jnp.einsum("BTD,NDH->BTNH", h_BTD, a["q_einsum"])
+  k_BSKH, v_BSKH = jnp.einsum("BSD,CKDH->CBSKH", h_BTD, a["kv_einsum"])
+  q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale,
+                                                                          q_BTNH.dtype)
+  k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_base)
+  o_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
+                     softcap=cfg.attn_softcap, impl=cfg.attention_impl,
+                     block_size=cfg.attention_block_size)
+  o_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, a["attn_vec_einsum"])
+  x_BTD = x_BTD + rms_norm(o_BTD, p["post_attention_norm"]["scale"], cfg.rms_eps)
+  h_BTD = rms_norm(x_BTD, p["pre_ffw_norm"]["scale"], cfg.rms_eps)
+  f_BTD = feed_forward(h_BTD, p["mlp"]["gating_einsum"], p["mlp"]["linear"])
+  return x_BTD + rms_norm(f_BTD, p["post_ffw_norm"]["scale"], cfg.rms_eps)
+
+
+_REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _decoder(cfg: ModelConfig, layers: dict, x_BTD, positions_BT, segment_ids_BT):
+  """Scans over local+global layer pairs."""
+  dtype = jnp.dtype(cfg.dtype)
+
+  def pair(x_BTD, pair_params):
+    pair_params = jax.tree.map(lambda w: w.astype(dtype), pair_params)
+    local, global_ = (jax.tree.map(lambda w, i=i: w[i], pair_params) for i in range(2))
+    x_BTD = _block(cfg, local, x_BTD, positions_BT, segment_ids_BT, window=cfg.sliding_window)
+    x_BTD = _block(cfg, global_, x_BTD, positions_BT, segment_ids_BT, window=None)
+    return x_BTD, None
+
+  if cfg.remat != "none":
+    pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  P = cfg.num_layers // 2
+  pairs = jax.tree.map(lambda w: w.reshape(P, 2, *w.shape[1:]), layers)
+  x_BTD, _ = jax.lax.scan(pair, x_BTD, pairs)
+  return x_BTD
+
+
+class Transformer(nnx.Module):
+  """Gemma 2 decoder. `model(tokens_BT)` -> fp32 logits [B, T, V]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.param_dtype)
+    shapes = param_shapes(cfg)
+    self.config = cfg
+    self.embedder = Embedder(shapes["embedder"], cfg, rngs=rngs, dtype=dtype)
+    self.layers = Layers(shapes["layers"], cfg, rngs=rngs, dtype=dtype)
+    self.final_norm = RMSNorm(shapes["final_norm"], dtype)
+
+  @classmethod
+  def from_params(cls, cfg: ModelConfig, params: dict) -> Transformer:
+    """Builds a model around an existing parameter tree (no random init is run)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+    state.replace_by_pure_dict(params)
+    return nnx.merge(graphdef, state)
+
+  def params(self) -> dict:
+    """The parameter tree as a plain nested dict of arrays."""
+    return nnx.state(self, nnx.Param).to_pure_dict()
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT))
+
+  def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    """Final-normed hidden states [B, T, D] in the compute dtype (the input of `logits`)."""
+    return forward_hidden(self.config, self.params(), tokens_BT, positions_BT, segment_ids_BT)
+
+  def logits(self, hidden_BTD):
+    """fp32 logits [..., V] from hidden states [..., D]: tied embedding, final soft-cap."""
+    return logits_from_hidden(self.config, self.embedder.input_embedding.value, hidden_BTD)
+
+
+def forward_hidden(cfg: ModelConfig, params: dict, tokens_BT, positions_BT=None,
+                   segment_ids_BT=None):
+  """Pure forward pass to final-normed hidden states; `params` as returned by `Transformer.params`."""
+  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+  B, T = tokens_BT.shape
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones((B, T), jnp.int32)
+  segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
+  if positions_BT is None:
+    positions_BT = positions_from_segments(segment_ids_BT)
+  embedding_VD = params["embedder"]["input_embedding"]
+  x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+  x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), embedding_VD.dtype)
+  x_BTD = x_BTD.astype(cfg.dtype)
+  x_BTD = _decoder(cfg, params["layers"], x_BTD, positions_BT, segment_ids_BT)
+  return rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
+
+
+def logits_from_hidden(cfg: ModelConfig, embedding_VD, hidden_BTD):
+  logits = jnp.einsum("...D,VD->...V", hidden_BTD, embedding_VD.astype(hidden_BTD.dtype),
+                      preferred_element_type=jnp.float32)
+  logits = soft_cap(logits, cfg.final_softcap)
+  if cfg.num_real_tokens is not None and cfg.num_real_tokens < cfg.vocab_size:
+    logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.num_real_tokens, logits, PADDED_LOGIT)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(cfg: ModelConfig, key):
+  return Transformer(cfg, rngs=nnx.Rngs(params=key)).params()
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
+  """Random parameters (jitted, so nothing is built op by op)."""
+  return _init_params(cfg, jax.random.key(seed))
