@@ -176,12 +176,12 @@ class Transformer(nnx.Module):
   def from_params(cls, cfg: ModelConfig, params: dict) -> Transformer:
     """Builds a model around an existing parameter tree (no random init is run)."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
-    state.replace_by_pure_dict(params)
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
   def params(self) -> dict:
     """The parameter tree as a plain nested dict of arrays."""
-    return nnx.state(self, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT))
@@ -192,7 +192,7 @@ class Transformer(nnx.Module):
 
   def logits(self, hidden_BTD):
     """fp32 logits [..., V] from hidden states [..., D]: tied embedding, final soft-cap."""
-    return logits_from_hidden(self.config, self.embedder.input_embedding.value, hidden_BTD)
+    return logits_from_hidden(self.config, self.embedder.input_embedding[...], hidden_BTD)
 
 
 def forward_hidden(cfg: ModelConfig, params: dict, tokens_BT, positions_BT=None,
