@@ -33,9 +33,11 @@ from gemma2_jax.model.layers import (
   rms_norm,
   soft_cap,
 )
+from gemma2_jax.sharding import constrain
 
 PADDED_LOGIT = -1e9  # logit of embedding rows past num_real_tokens: zero probability, finite.
 
+ACTIVATION_AXES = ("batch", "length", "embed_act")
 _NORMS = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")
 
 # Logical axis names of every parameter, in the order of its shape; sharding rules map these to mesh
@@ -151,7 +153,7 @@ def _decoder(cfg: ModelConfig, layers: dict, x_BTD, positions_BT, segment_ids_BT
     local, global_ = (jax.tree.map(lambda w, i=i: w[i], pair_params) for i in range(2))
     x_BTD = _block(cfg, local, x_BTD, positions_BT, segment_ids_BT, window=cfg.sliding_window)
     x_BTD = _block(cfg, global_, x_BTD, positions_BT, segment_ids_BT, window=None)
-    return x_BTD, None
+    return constrain(x_BTD, ACTIVATION_AXES), None
 
   if cfg.remat != "none":
     pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -208,7 +210,7 @@ def forward_hidden(cfg: ModelConfig, params: dict, tokens_BT, positions_BT=None,
   embedding_VD = params["embedder"]["input_embedding"]
   x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
   x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), embedding_VD.dtype)
-  x_BTD = x_BTD.astype(cfg.dtype)
+  x_BTD = constrain(x_BTD.astype(cfg.dtype), ACTIVATION_AXES)
   x_BTD = _decoder(cfg, params["layers"], x_BTD, positions_BT, segment_ids_BT)
   return rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
 

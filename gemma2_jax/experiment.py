@@ -1,0 +1,211 @@
+"""The experiment layer: an ml_collections config (from configs/*.py) -> typed, validated configs.
+
+This is the only place that reads ConfigDicts; everything downstream takes frozen dataclasses.
+Every problem is reported as one ConfigError line before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from gemma2_jax.data.config import DataConfig
+from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.optim import OptimizerConfig
+from gemma2_jax.sharding import DEFAULT_RULES, MESH_AXES, resolve_mesh_shape
+
+TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  steps: int
+  global_batch: int  # sequences per optimizer step, over all processes
+  seq_len: int
+  grad_accum_steps: int = 1  # micro-batches per step (each of global_batch / grad_accum_steps)
+  seed: int = 0
+  loss_chunk: int = 1024  # tokens per sequence chunk of the chunked loss
+  z_loss: float = 0.0
+  log_every: int = 10
+  eval_every: int = 0  # 0 = only at the end (if data.eval is set)
+  eval_batches: int = 8
+  nonfinite: Literal["stop", "skip"] = "stop"
+  profile_start: int = -1  # first step of a jax.profiler trace; -1 = off
+  profile_steps: int = 3
+  peak_tflops_per_device: float = 0.0  # 0 = look up the device kind (unknown kinds: no MFU)
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "global_batch", "seq_len", "grad_accum_steps", "loss_chunk", "log_every",
+                 "eval_batches", "profile_steps"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+    if self.nonfinite not in ("stop", "skip"):
+      raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  model: ModelConfig
+  mesh: dict[str, int]
+  rules: tuple
+  optimizer: OptimizerConfig
+  train: TrainConfig
+  data_train: DataConfig
+  data_eval: DataConfig | None
+  tokenizer: str
+  init_from: str
+
+
+def _type_ok(value, hint) -> bool:
+  origin = typing.get_origin(hint)
+  if origin in (Union, types.UnionType):
+    return any(_type_ok(value, a) for a in typing.get_args(hint))
+  if origin is Literal:
+    return value in typing.get_args(hint)
+  if hint is type(None):
+    return value is None
+  if hint is float:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if hint in (str, bool):
+    return isinstance(value, hint)
+  return True  # containers: checked by the dataclass itself
+
+
+def typed(cls, section: str, values: dict, **extra):
+  """cls(**values) with unknown keys and wrong types reported as one line naming the key."""
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(values) - set(hints))
+  if unknown:
+    raise ConfigError(f"unknown key {section}.{unknown[0]} (valid keys: {', '.join(sorted(hints))})")
+  for key, value in values.items():
+    if not _type_ok(value, hints[key]):
+      raise ConfigError(f"{section}.{key} = {value!r} has type {type(value).__name__}, expected "
+                        f"{hints[key]}")
+  try:
+    return cls(**values, **extra)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{section}: {e}") from None
+
+
+def _plain(x: Any):
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return type(x)(_plain(v) for v in x)
+  return x
+
+
+SOURCE_SHORTCUT = ("paths", "format", "text_field", "doc_per")
+
+
+def _data_config(section: str, d: dict | None, shape: dict) -> DataConfig | None:
+  """A data section; `paths` / `format` / `text_field` / `doc_per` are a one-source shortcut."""
+  if not d:
+    return None
+  d = dict(d)
+  shortcut = {k: d.pop(k) for k in SOURCE_SHORTCUT if k in d}
+  if shortcut.get("paths"):
+    paths = shortcut["paths"]
+    shortcut["paths"] = paths.split(",") if isinstance(paths, str) else list(paths)
+    d["sources"] = [shortcut]
+  d["sources"] = [s for s in d.get("sources", []) if s.get("paths") or s.get("tfds_name")]
+  if not d["sources"]:
+    return None
+  return typed(DataConfig, section, d, **shape)
+
+
+def from_config(config, *, num_devices: int, process_count: int = 1) -> Experiment:
+  c = _plain(config)
+  unknown = sorted(set(c) - set(TOP_LEVEL))
+  if unknown:
+    raise ConfigError(f"unknown top-level config key {unknown[0]!r} (valid: {', '.join(TOP_LEVEL)})")
+  missing = [k for k in ("model", "train", "data") if k not in c]
+  if missing:
+    raise ConfigError(f"config lacks the {missing[0]!r} section")
+  model = typed(ModelConfig, "model", c["model"])
+  train = typed(TrainConfig, "train", c["train"])
+  optimizer = typed(OptimizerConfig, "optimizer", c.get("optimizer", {}))
+
+  mesh_sizes = c.get("mesh", {"fsdp": -1})
+  bad_axes = sorted(set(mesh_sizes) - set(MESH_AXES))
+  if bad_axes:
+    raise ConfigError(f"unknown mesh axis {bad_axes[0]!r} (valid: {', '.join(MESH_AXES)})")
+  try:
+    mesh = resolve_mesh_shape(mesh_sizes, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in c.get("sharding_rules", DEFAULT_RULES))
+  for name, axes in rules:
+    for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+      if axis not in MESH_AXES:
+        raise ConfigError(f"sharding rule {name!r} names unknown mesh axis {axis!r}")
+
+  batch_shards = mesh["dcn"] * mesh["data"] * mesh["fsdp"]
+  micro = train.global_batch // train.grad_accum_steps
+  if train.global_batch % train.grad_accum_steps:
+    raise ConfigError(f"train.global_batch={train.global_batch} is not divisible by "
+                      f"train.grad_accum_steps={train.grad_accum_steps}")
+  if micro % batch_shards:
+    raise ConfigError(f"micro-batch of {micro} sequences (global_batch / grad_accum_steps) is not "
+                      f"divisible by the {batch_shards} batch shards of mesh {mesh}")
+  if train.global_batch % process_count:
+    raise ConfigError(f"train.global_batch={train.global_batch} is not divisible by the "
+                      f"{process_count} processes")
+
+  data = c["data"]
+  unknown = sorted(set(data) - {"tokenizer", "train", "eval"})
+  if unknown:
+    raise ConfigError(f"unknown key data.{unknown[0]} (valid keys: eval, tokenizer, train)")
+  if not data.get("tokenizer"):
+    raise ConfigError("data.tokenizer is not set: give the SentencePiece model path "
+                      "(--config.data.tokenizer=/path/tokenizer.model)")
+  shape = {"seq_len": train.seq_len, "global_batch": train.global_batch}
+  data_train = _data_config("data.train", data.get("train"), shape)
+  if data_train is None:
+    raise ConfigError("data.train has no source: set data.train.paths (comma-separated globs) or "
+                      "data.train.sources")
+  data_eval = _data_config("data.eval", data.get("eval"), shape)
+  return Experiment(model=model, mesh=mesh, rules=rules, optimizer=optimizer, train=train,
+                    data_train=data_train, data_eval=data_eval, tokenizer=str(data["tokenizer"]),
+                    init_from=str(c.get("init_from") or ""))
+
+
+def base_config(model: ModelConfig, **train):
+  """A complete ConfigDict with every section at its defaults, for configs/*.py to adjust."""
+  import ml_collections
+
+  from gemma2_jax.data.config import SourceConfig
+
+  fields = lambda cls, **kw: {f.name: kw.get(f.name, f.default) for f in dataclasses.fields(cls)
+                              if f.default is not dataclasses.MISSING or f.name in kw}
+  data_defaults = fields(DataConfig, sources=[])
+  for k in ("seq_len", "global_batch"):
+    data_defaults.pop(k, None)
+  source = fields(SourceConfig)
+  source["paths"] = []
+  data_defaults["sources"] = [source]
+  data_defaults.update(paths="", format="auto", text_field="text", doc_per="line")
+  c = ml_collections.ConfigDict()
+  c.model = model.to_dict()
+  c.mesh = {"dcn": 1, "data": 1, "fsdp": -1, "tensor": 1}
+  c.sharding_rules = [list(r) for r in DEFAULT_RULES]
+  c.optimizer = fields(OptimizerConfig)
+  c.train = fields(TrainConfig, **train)
+  c.data = ml_collections.ConfigDict({"tokenizer": "", "train": data_defaults, "eval": None},
+                                     type_safe=False)
+  c.init_from = ""
+  return c

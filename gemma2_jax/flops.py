@@ -1,0 +1,46 @@
+"""Analytic model FLOPs (counting causal and sliding-window savings) and accelerator peaks."""
+
+from __future__ import annotations
+
+import jax
+
+from gemma2_jax.model.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, by `device.device_kind`.
+PEAK_FLOPS = {
+  "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+  "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+  "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def mean_keys(seq_len: int, window: int | None) -> float:
+  """Mean number of keys a query attends to in a causal row of seq_len (within the window)."""
+  T = seq_len
+  if window is None or window >= T:
+    return (T + 1) / 2
+  return (window * (window + 1) / 2 + (T - window) * window) / T
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  D, F, N, K, H = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  per_layer_dense = 2 * (N * D * H + 2 * K * D * H + N * H * D + 3 * D * F)
+  logits = 2 * D * cfg.vocab_size
+  attn = 0.0
+  for layer in range(cfg.num_layers):
+    window = cfg.sliding_window if layer % 2 == 0 else None
+    attn += 4 * N * H * mean_keys(seq_len, window)  # QK^T and PV
+  return cfg.num_layers * per_layer_dense + logits + attn
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward + backward (2x forward); rematerialisation is not counted (model FLOPs, not HW)."""
+  return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+def peak_flops_per_device(override: float = 0.0) -> float | None:
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  return PEAK_FLOPS.get(kind)

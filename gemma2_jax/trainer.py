@@ -1,0 +1,298 @@
+"""TrainState, the pure train / eval steps, sharded initialisation, and the training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gemma2_jax import checkpoint, flops
+from gemma2_jax.data.pipeline import make_eval_iterator, make_train_iterator
+from gemma2_jax.experiment import Experiment
+from gemma2_jax.losses import cross_entropy_sums
+from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.transformer import LOGICAL_AXES, forward_hidden, init_params, param_shapes
+from gemma2_jax.optim import global_norm, make_optimizer
+from gemma2_jax.sharding import activation_sharding, logical_to_sharding, logical_to_spec, make_mesh
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def loss_sums(model_cfg: ModelConfig, params: dict, batch: dict, *, chunk: int, z_loss: float):
+  hidden_BTD = forward_hidden(model_cfg, params, batch["tokens"], batch["positions"],
+                              batch["segment_ids"])
+  return cross_entropy_sums(model_cfg, params["embedder"]["input_embedding"], hidden_BTD,
+                            batch["targets"], batch["loss_mask"], chunk_size=chunk, z_loss=z_loss)
+
+
+def make_train_step(exp: Experiment, tx, schedule):
+  """(state, batch) -> (state, metrics); batch leaves are [global_batch, T]."""
+  model_cfg, tcfg = exp.model, exp.train
+  k = tcfg.grad_accum_steps
+
+  def objective(params, micro_batch):
+    sums = loss_sums(model_cfg, params, micro_batch, chunk=tcfg.loss_chunk, z_loss=tcfg.z_loss)
+    return sums["nll"] + sums.get("z_loss", 0.0), sums
+
+  def train_step(state: TrainState, batch: dict):
+    # Row j*k + i goes to micro-batch i, so every micro-batch is spread over all batch shards.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
+
+    def accumulate(carry, micro_batch):
+      grads, sums = carry
+      (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(objective, state.params,
+                                            jax.tree.map(lambda x: x[0], micro))[1])
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)  # token-weighted mean over the whole batch
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                     opt_state=opt_state)
+    loss = sums["nll"] / weight
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if tcfg.nonfinite == "skip":
+      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+      new = new.replace(step=state.step + 1)
+    metrics = {"loss": loss, "accuracy": sums["correct"] / weight, "tokens": sums["weight"],
+               "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "finite": finite.astype(jnp.float32)}
+    if "z_loss" in sums:
+      metrics["z_loss"] = sums["z_loss"] / weight
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(exp: Experiment):
+  def eval_step(params, batch):
+    sums = loss_sums(exp.model, params, batch, chunk=exp.train.loss_chunk, z_loss=0.0)
+    return {"nll": sums["nll"], "weight": sums["weight"], "correct": sums["correct"],
+            "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32))}
+  return eval_step
+
+
+@dataclasses.dataclass
+class Shardings:
+  mesh: jax.sharding.Mesh
+  state: TrainState
+  batch: NamedSharding
+  replicated: NamedSharding
+
+
+def state_shardings(exp: Experiment, mesh, tx) -> Shardings:
+  params = logical_to_sharding(LOGICAL_AXES, mesh, exp.rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_params = _abstract_params(exp.model)
+  opt_state = optax.tree_utils.tree_map_params(
+    tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
+    transform_non_params=lambda _: replicated)
+  batch = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
+  return Shardings(mesh=mesh, state=TrainState(step=replicated, params=params, opt_state=opt_state),
+                   batch=batch, replicated=replicated)
+
+
+def _abstract_params(model_cfg: ModelConfig):
+  dtype = jnp.dtype(model_cfg.param_dtype)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(model_cfg),
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
+  """Params and optimizer state are created directly in their shards (nothing on one device first).
+
+  With `init_from`, the weights come from that checkpoint (HF / Kaggle / native) and the optimizer
+  starts fresh: continued pre-training.
+  """
+  if exp.init_from:
+    cfg, host = checkpoint.load_params(exp.init_from, exp.model.param_dtype, config=exp.model)
+    if param_shapes(cfg) != param_shapes(exp.model):
+      raise checkpoint.CheckpointError(f"init_from {exp.init_from}: shapes do not match the model")
+    params = jax.tree.map(jax.device_put, host, sh.state.params)
+    del host
+  else:
+    params = jax.jit(lambda: init_params(exp.model, exp.train.seed),
+                     out_shardings=sh.state.params)()
+
+  def from_params(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return jax.jit(from_params, out_shardings=sh.state, donate_argnums=0)(params)
+
+
+def to_global(batch: dict, sh: Shardings) -> dict:
+  """Per-process numpy batch -> global jax arrays laid out on the batch sharding."""
+  def put(x):
+    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    return jax.make_array_from_process_local_data(sh.batch, x, global_shape)
+  return {k: put(np.asarray(v)) for k, v in batch.items()}
+
+
+class MetricsWriter:
+  """metrics.jsonl + TensorBoard event files in the workdir (process 0 only)."""
+
+  def __init__(self, workdir: Path):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, float(v), step)
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Trainer:
+  def __init__(self, exp: Experiment, workdir: str | Path):
+    self.exp = exp
+    self.workdir = Path(workdir)
+    self.mesh = make_mesh(exp.mesh)
+    self.tx, self.schedule = make_optimizer(exp.optimizer, exp.train.steps)
+    self.sh = state_shardings(exp, self.mesh, self.tx)
+    pc, pi = jax.process_count(), jax.process_index()
+    data_kw = dict(process_index=pi, process_count=pc, tokenizer_path=exp.tokenizer,
+                   vocab_size=exp.model.vocab_size, num_real_tokens=exp.model.num_real_tokens)
+    self.data_kw = data_kw
+    self.train_iter = make_train_iterator(exp.data_train, **data_kw)
+    with self._sharding_ctx():
+      self.train_step = jax.jit(make_train_step(exp, self.tx, self.schedule),
+                                in_shardings=(self.sh.state, self.sh.batch),
+                                out_shardings=(self.sh.state, self.sh.replicated),
+                                donate_argnums=0)
+      self.eval_step = jax.jit(make_eval_step(exp),
+                               in_shardings=(self.sh.state.params, self.sh.batch),
+                               out_shardings=self.sh.replicated)
+    self.flops_per_token = flops.train_flops_per_token(exp.model, exp.train.seq_len)
+    self.peak = flops.peak_flops_per_device(exp.train.peak_tflops_per_device * 1e12)
+
+  def _sharding_ctx(self):
+    return activation_sharding(self.mesh, self.exp.rules)
+
+  def evaluate(self, params) -> dict:
+    it = make_eval_iterator(self.exp.data_eval, num_batches=self.exp.train.eval_batches,
+                            **self.data_kw)
+    totals = None
+    with self._sharding_ctx():
+      for _ in range(self.exp.train.eval_batches):
+        batch = next(it, None)
+        if batch is None:
+          break
+        out = self.eval_step(params, to_global({k: batch[k] for k in (*BATCH_KEYS,
+                                                                      "target_bytes")}, self.sh))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    nll, weight = float(totals["nll"]), max(float(totals["weight"]), 1.0)
+    return {"eval_loss": nll / weight, "eval_perplexity": math.exp(min(nll / weight, 50.0)),
+            "eval_accuracy": float(totals["correct"]) / weight,
+            "eval_bits_per_byte": nll / math.log(2) / max(float(totals["bytes"]), 1.0)}
+
+  def run(self) -> dict:
+    exp, tcfg = self.exp, self.exp.train
+    state = init_state(exp, self.tx, self.sh)
+    writer = MetricsWriter(self.workdir)
+    tokens_per_step = tcfg.global_batch * tcfg.seq_len
+    bar = None
+    if tcfg.progress_bar and jax.process_index() == 0:
+      from tqdm import tqdm
+      bar = tqdm(total=tcfg.steps, desc="train", unit="step", dynamic_ncols=True)
+    pending, last, summary, skipped = None, {}, {}, 0
+    window_start, window_steps = None, 0
+    try:
+      for step in range(tcfg.steps + 1):
+        if step < tcfg.steps:
+          if step == tcfg.profile_start:
+            jax.profiler.start_trace(str(self.workdir / "profile"))
+          batch = next(self.train_iter)
+          with self._sharding_ctx():
+            state, metrics = self.train_step(
+              state, to_global({k: batch[k] for k in BATCH_KEYS}, self.sh))
+          if tcfg.profile_start >= 0 and step == tcfg.profile_start + tcfg.profile_steps - 1:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+        # Step N's metrics are read only after step N+1 is dispatched: the device never waits.
+        if pending is not None:
+          done_step, done_metrics = pending
+          m = jax.device_get(done_metrics)
+          now = time.perf_counter()
+          if not m["finite"]:
+            if tcfg.nonfinite == "stop":
+              raise TrainingDiverged(
+                f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "
+                f"{done_step + 1}; stopping. Lower optimizer.learning_rate, or set "
+                "train.nonfinite=skip to skip such steps")
+            skipped += 1
+          if window_start is None:  # the first step includes compilation: not timed
+            window_start, window_steps = now, 0
+          else:
+            window_steps += 1
+          if (done_step + 1) % tcfg.log_every == 0 or done_step + 1 == tcfg.steps:
+            last = {k: float(v) for k, v in m.items() if k != "finite"}
+            if window_steps:
+              dt = (now - window_start) / window_steps
+              last["step_time_s"] = dt
+              last["tokens_per_s"] = tokens_per_step / dt
+              achieved = self.flops_per_token * tokens_per_step / dt / jax.device_count()
+              last["tflops_per_device"] = achieved / 1e12
+              if self.peak:
+                last["mfu"] = achieved / self.peak
+              window_start, window_steps = now, 0
+            last["skipped_steps"] = skipped
+            writer.write(done_step + 1, last)
+            if bar is not None:
+              bar.set_postfix(loss=f"{last['loss']:.4f}",
+                              tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
+          if bar is not None:
+            bar.update(1)
+          if tcfg.eval_every and exp.data_eval and (done_step + 1) % tcfg.eval_every == 0 and (
+              done_step + 1) < tcfg.steps:
+            writer.write(done_step + 1, self.evaluate(state.params))
+        pending = (step, metrics) if step < tcfg.steps else None
+      summary = dict(last)
+      if exp.data_eval is not None:
+        ev = self.evaluate(state.params)
+        writer.write(tcfg.steps, ev)
+        summary.update(ev)
+    finally:
+      if bar is not None:
+        bar.close()
+      writer.close()
+    self.state = state
+    return summary
