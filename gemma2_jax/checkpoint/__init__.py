@@ -37,6 +37,12 @@ def detect_format(path: str | os.PathLike) -> str:
                         "*.safetensors (HF), an Orbax tree (Kaggle), or gemma2_jax.json (native)")
 
 
+def stored_dtype(path: str | os.PathLike) -> np.dtype:
+  """The dtype a checkpoint stores its weights in (read from headers/metadata only)."""
+  path = Path(path)
+  return np.dtype(_MODULES[detect_format(path)].stored_dtype(path))
+
+
 def load_params(path: str | os.PathLike, dtype="float32", *, config: ModelConfig | None = None,
                 progress=None) -> tuple[ModelConfig, dict]:
   """Reads any supported checkpoint into (config, host numpy params in `dtype`)."""
@@ -105,4 +111,4 @@ def save_model(model: Transformer, path: str | os.PathLike, format: str = "nativ
 
 
 __all__ = ["FORMATS", "CheckpointError", "detect_format", "load_model", "load_params",
-           "save_model", "save_params"]
+           "save_model", "save_params", "stored_dtype"]

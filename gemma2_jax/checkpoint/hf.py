@@ -50,7 +50,9 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     raise CheckpointError(f"config.json has model_type={hf.get('model_type')!r}; only 'gemma2' "
                           "checkpoints are supported")
   layer_types = hf.get("layer_types")
-  L = hf["num_hidden_layers"]
+  L = hf.get("num_hidden_layers")
+  if not isinstance(L, int):
+    raise CheckpointError(f"config.json num_hidden_layers={L!r}; expected an integer")
   expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
   if layer_types is not None and list(layer_types) != expected:
     raise CheckpointError("config.json layer_types must alternate sliding/full attention starting "
@@ -58,18 +60,24 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   act = hf.get("hidden_activation") or hf.get("hidden_act")
   if act not in (None, "gelu_pytorch_tanh"):
     raise CheckpointError(f"config.json hidden_activation={act!r}; Gemma 2 uses gelu_pytorch_tanh")
-  kw = dict(
-    vocab_size=hf["vocab_size"], num_layers=L, d_model=hf["hidden_size"],
-    num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
-    head_dim=hf["head_dim"], ffn_dim=hf["intermediate_size"],
-    query_pre_attn_scalar=hf["query_pre_attn_scalar"], sliding_window=hf["sliding_window"],
-    attn_softcap=hf.get("attn_logit_softcapping"),
-    final_softcap=hf.get("final_logit_softcapping"),
-    rope_base=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-    rms_eps=hf.get("rms_norm_eps", 1e-6),
-  )
+  try:
+    kw = dict(
+      vocab_size=hf["vocab_size"], num_layers=L, d_model=hf["hidden_size"],
+      num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
+      head_dim=hf["head_dim"], ffn_dim=hf["intermediate_size"],
+      query_pre_attn_scalar=hf["query_pre_attn_scalar"], sliding_window=hf["sliding_window"],
+      attn_softcap=hf.get("attn_logit_softcapping"),
+      final_softcap=hf.get("final_logit_softcapping"),
+      rope_base=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+      rms_eps=hf.get("rms_norm_eps", 1e-6),
+    )
+  except KeyError as e:
+    raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
   kw.update(overrides)
-  return ModelConfig(**kw)
+  try:
+    return ModelConfig(**kw)
+  except ValueError as e:
+    raise CheckpointError(f"config.json: {e}") from None
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
@@ -90,27 +98,60 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
   }
 
 
+def _read_config(path: Path) -> dict:
+  try:
+    hf = json.loads((path / "config.json").read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
+  return hf
+
+
 def is_hf_dir(path: Path) -> bool:
-  return (path / "config.json").exists() and "model_type" in json.loads(
-    (path / "config.json").read_text())
+  return (path / "config.json").exists()
+
+
+def _refuse_pickles(path: Path):
+  if not any(path.glob("*.safetensors")) and any(
+      path.glob(p) for p in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
+    raise CheckpointError(f"{path}: only pickle-based weights (*.bin/*.pt) found; they are never "
+                          "loaded (unpickling runs arbitrary code). Convert them to safetensors "
+                          "with transformers first.")
+
+
+def stored_dtype(path: Path) -> np.dtype:
+  _refuse_pickles(path)
+  reader = SafetensorsReader(path)
+  name = "model.embed_tokens.weight"
+  return reader.dtype(name if name in reader.keys() else reader.keys()[0])
 
 
 def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
-  if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-    raise CheckpointError(f"{path}: only pickle-based *.bin weights found; they are never loaded "
-                          "(unsafe). Convert them to safetensors with transformers first.")
-  hf_cfg = json.loads((path / "config.json").read_text())
+  _refuse_pickles(path)
+  hf_cfg = _read_config(path)
   cfg = config or config_from_hf(hf_cfg)
   reader = SafetensorsReader(path)
   table = entries(cfg)
-  expected = {key for e in table for key, _ in e.keys(cfg)}
-  unexpected = sorted(k for k in reader.keys() if k not in expected and k not in _IGNORED)
+  expected = [key for e in table for key, _ in e.keys(cfg)]
+  # Fail before reading any data: a missing or extra tensor means a different architecture.
+  present = set(reader.keys())
+  missing = [k for k in expected if k not in present]
+  if missing:
+    raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing{_more(missing)} (the "
+                          f"checkpoint does not match a {cfg.num_layers}-layer Gemma 2 config)")
+  known = set(expected)
+  unexpected = sorted(k for k in present if k not in known and k not in _IGNORED)
   if unexpected:
-    raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} (and {len(unexpected) - 1} "
-                          "more) for this Gemma 2 config")
+    raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r}{_more(unexpected)} for "
+                          f"this {cfg.num_layers}-layer Gemma 2 config")
   if progress is not None:
     progress.reset(total=len(expected))
   return cfg, read_params(cfg, table, reader.get, dtype, progress)
+
+
+def _more(keys: list) -> str:
+  return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
 
 def save(params: dict, cfg: ModelConfig, path: Path, dtype, *, max_shard_bytes=5 * 10**9,

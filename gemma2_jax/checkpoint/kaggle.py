@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from gemma2_jax.checkpoint import orbax_io
 from gemma2_jax.checkpoint.errors import CheckpointError
 from gemma2_jax.checkpoint.mapping import Entry, export_tensors, read_params
 from gemma2_jax.model.config import ModelConfig, gemma2_2b, gemma2_9b, gemma2_27b
@@ -23,17 +22,9 @@ def _is_2b_layout(cfg: ModelConfig) -> bool:
 
 
 def entries(cfg: ModelConfig, gating_transposed: bool | None = None) -> list[Entry]:
-  D, F = cfg.d_model, cfg.ffn_dim
+  """`gating_transposed`: gating stored as (2, D, F) (the released 2B) instead of (2, F, D)."""
   if gating_transposed is None:
     gating_transposed = _is_2b_layout(cfg)
-
-  def gating_to_native(w):
-    if w.shape[1:] == (F, D):
-      return w
-    if w.shape[1:] == (D, F):
-      return w.transpose(0, 2, 1)
-    return w  # wrong shape: reported by read_params with the tensor name
-
   swap = (lambda w: w.transpose(0, 2, 1)) if gating_transposed else (lambda w: w)
   norms = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")
   return [
@@ -42,7 +33,7 @@ def entries(cfg: ModelConfig, gating_transposed: bool | None = None) -> list[Ent
     Entry(_L + "attn/kv_einsum/w", ("layers", "attn", "kv_einsum")),
     Entry(_L + "attn/attn_vec_einsum/w", ("layers", "attn", "attn_vec_einsum")),
     Entry(_L + "mlp/gating_einsum", ("layers", "mlp", "gating_einsum"),
-          to_native=gating_to_native, from_native=swap),
+          to_native=swap, from_native=swap),
     Entry(_L + "mlp/linear", ("layers", "mlp", "linear")),
     *[Entry(_L + f"{n}/scale", ("layers", n, "scale")) for n in norms],
     Entry(_T + "final_norm/scale", ("final_norm", "scale")),
@@ -77,20 +68,38 @@ def infer_config(shapes: dict[str, tuple]) -> ModelConfig:
                      head_dim=H, ffn_dim=F, query_pre_attn_scalar=H)
 
 
+def stored_dtype(path: Path) -> np.dtype:
+  flat = _flatten(orbax_io.metadata(path))
+  key = _T + "embedder/input_embedding"
+  return np.dtype((flat[key] if key in flat else next(iter(flat.values()))).dtype)
+
+
 def is_orbax_dir(path: Path) -> bool:
   return any((path / m).exists() for m in ("_METADATA", "manifest.ocdbt", "checkpoint",
                                            "_CHECKPOINT_METADATA"))
 
 
-def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(path)
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  raw = _flatten(ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+def _detect_gating_layout(cfg: ModelConfig, gating) -> bool | None:
+  """True for a stored (2, D, F) gating, False for (2, F, D); None (the default) if D == F or the
+  tensor is absent or mis-shaped, which read_params then reports by name."""
+  D, F = cfg.d_model, cfg.ffn_dim
+  if gating is None or D == F:
+    return None
+  if tuple(gating.shape) == (2, D, F):
+    return True
+  if tuple(gating.shape) == (2, F, D):
+    return False
+  return None
+
+
+def load(path: Path, dtype, config: ModelConfig | None = None, progress=None,
+         gating_transposed: bool | None = None):
+  # Stored dtype: the cast happens tensor by tensor in read_params, not as a second full copy.
+  raw = _flatten(orbax_io.restore(path, orbax_io.metadata(path)))
   cfg = config or infer_config({k: v.shape for k, v in raw.items()})
-  table = entries(cfg)
+  if gating_transposed is None:
+    gating_transposed = _detect_gating_layout(cfg, raw.get(_L.format(i=0) + "mlp/gating_einsum"))
+  table = entries(cfg, gating_transposed)
   expected = {key for e in table for key, _ in e.keys(cfg)}
   unexpected = sorted(set(raw) - expected)
   if unexpected:
@@ -119,4 +128,4 @@ def to_raw_tree(params: dict, cfg: ModelConfig, dtype, gating_transposed: bool |
 
 
 def save(params: dict, cfg: ModelConfig, path: Path, dtype, progress=None):
-  ocp.PyTreeCheckpointer().save(path.absolute(), to_raw_tree(params, cfg, dtype))
+  orbax_io.save(path, to_raw_tree(params, cfg, dtype))

@@ -62,18 +62,23 @@ def _map_shapes(tree, fn):
 
 def read_params(cfg: ModelConfig, entries: list[Entry], get: Callable[[str], np.ndarray],
                 dtype, progress=None) -> dict:
-  """Fills a parameter tree for `cfg` from `get(key)`, checking every shape."""
+  """Fills a parameter tree for `cfg` from `get(key)`, checking every stored shape."""
   params = empty_params(cfg, dtype)
   for entry in entries:
     target = _leaf(params, entry.path)
     for key, index in entry.keys(cfg):
-      value = entry.to_native(get(key))
       slot = target[index] if index else target
-      if entry.path == EMBEDDING and value.shape[0] < slot.shape[0]:
+      value = get(key)
+      # Check the stored shape before to_native: a wrong size would otherwise surface as a bare
+      # reshape error, and a same-size wrong layout (e.g. a transposed square q_proj) would load.
+      stored = _stored_shape(entry, slot.shape)
+      if entry.path == EMBEDDING and value.shape != stored:
         value = _pad_vocab(cfg, key, value, slot.shape)
-      if value.shape != slot.shape:
+      elif tuple(value.shape) != stored:
         raise CheckpointError(f"tensor {key!r}: shape {tuple(value.shape)} does not match "
-                              f"{tuple(slot.shape)} expected by the model config")
+                              f"{stored} expected by the model config")
+      else:
+        value = entry.to_native(value)
       slot[...] = value
       del value
       if progress is not None:
@@ -81,12 +86,20 @@ def read_params(cfg: ModelConfig, entries: list[Entry], get: Callable[[str], np.
   return params
 
 
+def _stored_shape(entry: Entry, native_shape: tuple) -> tuple:
+  """The external shape of a tensor whose native slot has `native_shape`."""
+  return tuple(jax.eval_shape(entry.from_native,
+                              jax.ShapeDtypeStruct(native_shape, np.float32)).shape)
+
+
 def _pad_vocab(cfg: ModelConfig, key: str, value: np.ndarray, shape) -> np.ndarray:
   """HF checkpoints carry the real 256000 rows; a 256128-row config gets zero padding rows."""
-  if cfg.num_real_tokens != value.shape[0] or value.shape[1:] != shape[1:]:
+  if (value.ndim != 2 or value.shape[1:] != tuple(shape[1:])
+      or not (cfg.num_real_tokens == value.shape[0] < shape[0])):
     raise CheckpointError(
-      f"tensor {key!r}: vocab of {value.shape[0]} rows does not match the model config "
-      f"(vocab_size={cfg.vocab_size}, num_real_tokens={cfg.num_real_tokens})")
+      f"tensor {key!r}: shape {tuple(value.shape)} does not match the model config "
+      f"(vocab_size={cfg.vocab_size}, num_real_tokens={cfg.num_real_tokens}, "
+      f"d_model={cfg.d_model})")
   padded = np.zeros(shape, value.dtype)
   padded[: value.shape[0]] = value
   return padded
@@ -94,7 +107,7 @@ def _pad_vocab(cfg: ModelConfig, key: str, value: np.ndarray, shape) -> np.ndarr
 
 def export_tensors(cfg: ModelConfig, entries: list[Entry], params: dict, dtype,
                    vocab_rows: int) -> tuple[list[tuple[str, tuple, np.dtype]], Iterator]:
-  """Declares (key, shape, dtype) of every external tensor and a generator producing them in order."""
+  """Declares (key, shape, dtype) of every external tensor; a generator produces them in order."""
   dtype = np.dtype(dtype)
 
   def convert(entry: Entry, index) -> np.ndarray:
@@ -110,7 +123,7 @@ def export_tensors(cfg: ModelConfig, entries: list[Entry], params: dict, dtype,
     shape = shape[len(index):]
     if entry.path == EMBEDDING:
       shape = (vocab_rows, *shape[1:])
-    return jax.eval_shape(entry.from_native, jax.ShapeDtypeStruct(shape, np.float32)).shape
+    return _stored_shape(entry, shape)
 
   specs = [(key, shape_of(e, index), dtype) for e in entries for key, index in e.keys(cfg)]
   produce = (convert(e, index).astype(dtype, copy=False)

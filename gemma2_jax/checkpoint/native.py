@@ -1,5 +1,6 @@
 """Our own weights format: `gemma2_jax.json` (format version + ModelConfig) and an Orbax `params/`
-tree in the model's stacked layout, so restoring needs no conversion and can go straight to shards."""
+tree in the model's stacked layout, so restoring needs no conversion and can go straight to
+shards."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from gemma2_jax.checkpoint import orbax_io
 from gemma2_jax.checkpoint.errors import CheckpointError
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import param_shapes
@@ -23,19 +24,27 @@ def is_native_dir(path: Path) -> bool:
 
 
 def read_config(path: Path) -> ModelConfig:
-  meta = json.loads((path / MARKER).read_text())
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise CheckpointError(f"{path / MARKER}: format_version {meta.get('format_version')} is not "
-                          f"supported (expected {FORMAT_VERSION})")
-  return ModelConfig.from_dict(meta["model"])
+  try:
+    meta = json.loads((path / MARKER).read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path / MARKER}: not valid JSON ({e})") from None
+  if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    raise CheckpointError(f"{path / MARKER}: format_version {version} is not supported (expected "
+                          f"{FORMAT_VERSION})")
+  try:
+    return ModelConfig.from_dict(meta["model"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{path / MARKER}: bad model config ({e})") from None
+
+
+def stored_dtype(path: Path) -> np.dtype:
+  return orbax_io.leaf_dtype(orbax_io.metadata(path / "params"), ("embedder", "input_embedding"))
 
 
 def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
   cfg = config or read_config(path)
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(path / "params")
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
+  tree = orbax_io.metadata(path / "params")
   stored = {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(v.shape)
             for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   wanted = {"/".join(str(k.key) for k in kp): tuple(s)
@@ -50,9 +59,7 @@ def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
   extra = sorted(set(stored) - set(wanted))
   if extra:
     raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} in native checkpoint")
-  restore_args = jax.tree.map(
-    lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(dtype)), tree)
-  params = ckptr.restore(path / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  params = orbax_io.restore(path / "params", tree, dtype)
   if progress is not None:
     progress.reset(total=1)
     progress.update(1)
@@ -63,7 +70,7 @@ def save(params: dict, cfg: ModelConfig, path: Path, dtype, progress=None):
   path.mkdir(parents=True, exist_ok=True)
   dtype = np.dtype(dtype)
   params = jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
-  ocp.PyTreeCheckpointer().save((path / "params").absolute(), params)
+  orbax_io.save(path / "params", params)
   meta = {"format_version": FORMAT_VERSION, "model": cfg.replace(param_dtype=dtype.name).to_dict()}
   (path / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True))
   if progress is not None:

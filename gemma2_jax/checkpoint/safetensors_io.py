@@ -42,15 +42,28 @@ def _read_header(path: Path) -> tuple[dict, int]:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
   header.pop("__metadata__", None)
   data_start, data_size = 8 + n, size - 8 - n
-  for name, info in header.items():
-    end = info["data_offsets"][1]
-    if end > data_size:
-      raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes up to "
-                            f"{end} of the data section but only {data_size} are present")
-    if info["dtype"] not in _DTYPES:
-      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+  # Report the first tensor (in file order) that the truncation cut, so the message names it.
+  try:
+    ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    for name, info in ordered:
+      begin, end = info["data_offsets"]
+      if not 0 <= begin <= end:
+        raise CheckpointError(f"{path}: tensor {name!r} has bad data_offsets {[begin, end]}")
+      if end > data_size:
+        raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes up "
+                              f"to {end} of the data section but only {data_size} are present")
+      if info["dtype"] not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+      if not isinstance(info["shape"], list):
+        raise CheckpointError(f"{path}: tensor {name!r} has a bad shape {info['shape']!r}")
+  except (KeyError, TypeError, ValueError) as e:
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f"{path}: corrupt safetensors header ({e!r})") from None
   return header, data_start
 
 
@@ -62,7 +75,10 @@ class SafetensorsReader:
     if path.is_file():
       files = [path]
     elif (path / INDEX_FILE).exists():
-      weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+      try:
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+      except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / INDEX_FILE}: not a safetensors index ({e!r})") from None
       files = sorted({path / f for f in weight_map.values()})
       missing = [str(f) for f in files if not f.exists()]
       if missing:
@@ -83,6 +99,9 @@ class SafetensorsReader:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._where[name][1]["shape"])
 
+  def dtype(self, name: str) -> np.dtype:
+    return _DTYPES[self._where[name][1]["dtype"]]
+
   def get(self, name: str) -> np.ndarray:
     if name not in self._where:
       raise CheckpointError(f"tensor {name!r} is missing from the safetensors checkpoint")
@@ -100,7 +119,7 @@ class SafetensorsReader:
 def write_sharded(path: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
                   produce: Iterator[np.ndarray], *, max_shard_bytes: int = 5 * 10**9,
                   metadata: dict | None = None, progress=None) -> list[Path]:
-  """Writes tensors (declared up front, produced one at a time and in order) into safetensors shards.
+  """Writes tensors (declared up front, produced one at a time, in order) to safetensors shards.
 
   One shard is written as `model.safetensors`; more get HF's `model-0000i-of-0000n.safetensors`
   names and an index file.
@@ -137,7 +156,8 @@ def write_sharded(path: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.d
       for name, shape, dtype in shard:
         arr = np.ascontiguousarray(next(produce))
         if arr.shape != shape or arr.dtype != dtype:
-          raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, declared {shape} {dtype}")
+          raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, declared {shape} "
+                               f"{dtype}")
         f.write(memoryview(arr.view(np.uint8).reshape(-1)))
         if progress is not None:
           progress.update(1)

@@ -1,0 +1,57 @@
+"""Orbax reads shared by the Kaggle and native formats; failures become CheckpointError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gemma2_jax.checkpoint.errors import CheckpointError
+
+
+def _one_line(e: Exception) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def metadata(path: Path) -> dict:
+  """The stored tree with ArrayMetadata leaves (shape, dtype), read without touching the data."""
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(path.absolute())
+  except Exception as e:  # orbax/tensorstore raise many types for a damaged or foreign directory
+    raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_one_line(e)})") from None
+  tree = getattr(meta, "item_metadata", meta)
+  return getattr(tree, "tree", tree)
+
+
+def restore(path: Path, tree: dict, dtype=None) -> dict:
+  """Restores every leaf of `tree` (from `metadata`) as a host numpy array (cast to `dtype`)."""
+  dtype = None if dtype is None else np.dtype(dtype)
+  restore_args = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), tree)
+  try:
+    return ocp.PyTreeCheckpointer().restore(
+      path.absolute(), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # e.g. a chunk file missing or cut short
+    raise CheckpointError(f"{path}: failed to read the Orbax checkpoint ({_one_line(e)})") from None
+
+
+def leaf_dtype(tree: dict, path: tuple[str, ...]) -> np.dtype:
+  for p in path:
+    tree = tree[p]
+  return np.dtype(tree.dtype)
+
+
+def save(path: Path, tree: dict):
+  """Writes a tree of host numpy arrays without orbax's defensive copy of each one.
+
+  Orbax's default numpy handler deep-copies every host array before its async write (so callers
+  may mutate them meanwhile); our callers don't, and the copy doubles peak memory of a conversion.
+  """
+  registry = ocp.type_handlers.create_type_handler_registry(
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(tree))

@@ -1,0 +1,161 @@
+"""The train step: sharded == single device, gradient accumulation exactness, non-finite handling."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gemma2_jax.experiment import from_config
+from gemma2_jax.optim import make_optimizer
+from gemma2_jax.sharding import activation_sharding, make_mesh
+from gemma2_jax.trainer import (
+  BATCH_KEYS,
+  Trainer,
+  TrainingDiverged,
+  init_state,
+  make_train_step,
+  state_shardings,
+  to_global,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_experiment(**train):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / "pretrain_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.update(dict(vocab_size=256, d_model=32, ffn_dim=64, num_heads=4, num_kv_heads=2,
+                      head_dim=8, query_pre_attn_scalar=8, sliding_window=8))
+  c.train.update({**dict(steps=3, global_batch=8, seq_len=16, loss_chunk=8, progress_bar=False),
+                  **train})
+  c.optimizer.warmup_steps = 1
+  c.optimizer.learning_rate = 1e-2
+  c.data.tokenizer = ""
+  return c
+
+
+def synthetic_batches(n, B=8, T=16, vocab=256, seed=0):
+  rng = np.random.RandomState(seed)
+  out = []
+  for _ in range(n):
+    tokens = rng.randint(3, vocab, (B, T + 1)).astype(np.int32)
+    seg = np.ones((B, T), np.int32)
+    seg[:, T // 2:] = 2
+    seg[0, -3:] = 0
+    mask = ((seg != 0) & (np.roll(seg, -1, 1) == seg)).astype(np.float32)
+    mask[:, -1] = 1.0 * (seg[:, -1] != 0)
+    pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0)
+    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": pos.astype(np.int32),
+                "segment_ids": seg, "loss_mask": mask})
+  return out
+
+
+def run_steps(exp, batches, devices):
+  mesh = make_mesh(exp.mesh, devices)
+  tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
+  sh = state_shardings(exp, mesh, tx)
+  with activation_sharding(mesh, exp.rules):
+    step = jax.jit(make_train_step(exp, tx, schedule), in_shardings=(sh.state, sh.batch),
+                   out_shardings=(sh.state, sh.replicated), donate_argnums=0)
+    state = init_state(exp, tx, sh)
+    losses = []
+    for b in batches:
+      state, m = step(state, to_global(b, sh))
+      losses.append(float(m["loss"]))
+  return state, np.array(losses)
+
+
+def _experiment(c, num_devices):
+  c = c.copy_and_resolve_references()
+  c.data.tokenizer = "unused"
+  return from_config(c, num_devices=num_devices)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  exp = _experiment(tiny_experiment(), 1)
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
+  return run_steps(exp, synthetic_batches(3), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=8)])
+def test_sharded_equals_single_device(single_device_run, mesh):
+  assert jax.device_count() >= 8, "tests/conftest.py sets 8 fake CPU devices"
+  ref_state, ref_losses = single_device_run
+  c = tiny_experiment()
+  c.mesh.update({"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1, **mesh})
+  exp = _experiment(c, 8)
+  state, losses = run_steps(exp, synthetic_batches(3), jax.devices()[:8])
+  assert state.params["layers"]["attn"]["q_einsum"].sharding.mesh.size == 8
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6,
+                                                       rtol=1e-4), state.params, ref_state.params)
+
+
+def test_gradient_accumulation_equals_big_batch(single_device_run):
+  ref_state, ref_losses = single_device_run
+  exp = _experiment(tiny_experiment(grad_accum_steps=4), 1)
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
+  state, losses = run_steps(exp, synthetic_batches(3), jax.devices()[:1])
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6,
+                                                       rtol=1e-4), state.params, ref_state.params)
+
+
+def test_loss_mask_weights_tokens():
+  """Masked tokens contribute nothing: changing their targets leaves loss and update unchanged."""
+  exp = _experiment(tiny_experiment(steps=1), 1)
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
+  batch = synthetic_batches(1)[0]
+  other = {k: v.copy() for k, v in batch.items()}
+  other["targets"][batch["loss_mask"] == 0] = 7
+  assert (batch["targets"] != other["targets"]).any()
+  s1, l1 = run_steps(exp, [batch], jax.devices()[:1])
+  s2, l2 = run_steps(exp, [other], jax.devices()[:1])
+  np.testing.assert_array_equal(l1, l2)
+  jax.tree.map(np.testing.assert_array_equal, s1.params, s2.params)
+
+
+def test_nonfinite_skip_keeps_params():
+  exp = _experiment(tiny_experiment(nonfinite="skip"), 1)
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
+  mesh = make_mesh(exp.mesh, jax.devices()[:1])
+  tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
+  sh = state_shardings(exp, mesh, tx)
+  state = init_state(exp, tx, sh)
+  bad = state.replace(params=jax.tree.map(lambda x: x, state.params))
+  emb = bad.params["embedder"]["input_embedding"].at[5].set(np.nan)
+  bad.params["embedder"]["input_embedding"] = emb
+  batch = synthetic_batches(1)[0]
+  batch["tokens"][:, 0] = 5
+  before = jax.tree.map(np.asarray, bad.params)
+  new, metrics = jax.jit(make_train_step(exp, tx, schedule))(bad, to_global(batch, sh))
+  assert metrics["finite"] == 0 and int(new.step) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), new.params, before)
+
+
+def test_trainer_stops_on_divergence(tmp_path):
+  c = tiny_experiment(steps=6)
+  c.data.tokenizer = str(ROOT / "tests" / "data" / "ko_sp1024.model")
+  c.model.vocab_size = 1024
+  c.optimizer.learning_rate = 1e38
+  c.optimizer.clip_norm = 0.0
+  exp = from_config(c, num_devices=jax.device_count())
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 8, "tensor": 1})
+  with pytest.raises(TrainingDiverged, match="non-finite loss .* at step"):
+    Trainer(exp, tmp_path).run()
+
+
+def test_batch_keys_match_data_pipeline():
+  from gemma2_jax.data import make_train_iterator
+  c = tiny_experiment()
+  c.data.tokenizer = str(ROOT / "tests" / "data" / "ko_sp1024.model")
+  exp = from_config(c, num_devices=jax.device_count())
+  batch = next(make_train_iterator(exp.data_train, tokenizer_path=exp.tokenizer, vocab_size=1024))
+  assert set(BATCH_KEYS) <= set(batch)
+  assert batch["tokens"].shape == (8, 16)
