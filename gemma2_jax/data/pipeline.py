@@ -41,50 +41,58 @@ from gemma2_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 log = logging.getLogger(__name__)
 
 
-class _ShardedEpochs(grain.MapDataset):
-  """Index k of process `shard` -> document of epoch k // n_local, shuffled with seed + epoch.
+class _ShardedEpochChunks(grain.MapDataset):
+  """Chunk c of process `shard` -> list of up to `chunk` documents of epoch c // chunks_per_epoch.
 
-  Within an epoch, process p reads global slots p, p + P, p + 2P, ... of the same permutation, so
-  the P processes together read every document exactly once per epoch and nothing else.
+  Each epoch is a permutation of the source seeded with seed + epoch; process p reads global slots
+  p, p + P, p + 2P, ... of it, so the P processes together read every document exactly once per
+  epoch. Chunks never straddle epochs, and one chunk is one batched read + one SentencePiece call.
   """
 
-  def __init__(self, parent, *, shard: int, num_shards: int, num_epochs: int | None,
-               seed: int | None, label: str):
-    super().__init__(parent)
-    self._n = len(parent)
+  def __init__(self, source, *, shard: int, num_shards: int, num_epochs: int | None,
+               seed: int | None, chunk: int, label: str):
+    super().__init__()
+    self._source = source
+    self._n = len(source)
     self._shard, self._num_shards = shard, num_shards
-    self._local = len(range(shard, self._n, num_shards))
-    if self._local == 0:
+    self.docs_per_epoch = len(range(shard, self._n, num_shards))
+    if self.docs_per_epoch == 0:
       raise DataError(f"source {label!r} has {self._n} documents, fewer than the "
                       f"{num_shards} processes reading it")
+    self._chunk = max(1, min(chunk, self.docs_per_epoch))
+    self.chunks_per_epoch = -(-self.docs_per_epoch // self._chunk)
     self._epochs = num_epochs
     self._seed = seed
-
-  @property
-  def docs_per_epoch(self) -> int:
-    return self._local
+    self._batched = hasattr(source, "__getitems__")
 
   def __len__(self) -> int:
-    return sys.maxsize if self._epochs is None else self._local * self._epochs
+    return sys.maxsize if self._epochs is None else self.chunks_per_epoch * self._epochs
 
   def __str__(self) -> str:
-    return f"ShardedEpochs(shard={self._shard}/{self._num_shards}, seed={self._seed})"
+    return f"ShardedEpochChunks(shard={self._shard}/{self._num_shards}, seed={self._seed})"
 
-  def __getitem__(self, k):
-    if isinstance(k, slice):
-      return self.slice(k)
-    epoch, j = divmod(k, self._local)
-    g = self._shard + j * self._num_shards
+  def __getitem__(self, c):
+    if isinstance(c, slice):
+      return self.slice(c)
+    epoch, k = divmod(c, self.chunks_per_epoch)
+    lo = k * self._chunk
+    hi = min(lo + self._chunk, self.docs_per_epoch)
+    slots = range(self._shard + lo * self._num_shards, self._shard + hi * self._num_shards,
+                  self._num_shards)
     if self._seed is not None and self._n > 1:
-      g = int(gx.index_shuffle(g, max_index=self._n - 1, seed=(self._seed + epoch) % 2**32,
-                               rounds=4))
-    return self._parent[g]
+      seed = (self._seed + epoch) % 2**32
+      ids = [int(gx.index_shuffle(g, max_index=self._n - 1, seed=seed, rounds=4)) for g in slots]
+    else:
+      ids = list(slots)
+    if self._batched:
+      return list(self._source.__getitems__(ids))
+    return [self._source[i] for i in ids]
 
 
 class _TokenizeChunk(grain.transforms.Map):
   """list of documents (str | token array | None) -> list of {"tokens": int32 [len]}."""
 
-  def __init__(self, tok: Tokenizer | None, cfg: DataConfig, label: str, docs_per_epoch: int):
+  def __init__(self, tok: Tokenizer, cfg: DataConfig, label: str):
     self._tok = tok
     self._bos, self._eos = cfg.add_bos, cfg.add_eos
     self._max_len = cfg.seq_len + 1
@@ -112,6 +120,10 @@ class _TokenizeChunk(grain.transforms.Map):
         arr[-1] = EOS_ID
       if n > self._max_len:
         STATS["long_docs"] += 1
+        if STATS["long_docs"] == 1 and self._long == "split":
+          log.info("source %r: a document of %d tokens is longer than a row of %d; it is split "
+                   "across rows (further ones are counted in STATS['long_docs'])",
+                   self._label, n, self._max_len)
         if self._long == "error":
           raise DataError(f"source {self._label!r}: a document of {n} tokens is longer than a "
                           f"row of {self._max_len} (long_docs='error')")
@@ -185,16 +197,14 @@ def _rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count:
     src = open_source(sc, bad_utf8=cfg.bad_utf8, bad_records=cfg.bad_records)
     if isinstance(src, ArrayRecordTokensSource):
       _check_prepared(src, tok, sc.label)
-    docs = _ShardedEpochs(grain.MapDataset.source(src), shard=process_index,
-                          num_shards=process_count, num_epochs=num_epochs,
-                          seed=(cfg.seed * 1_000_003 + i) % 2**32 if shuffle else None,
-                          label=sc.label)
-    chunk = max(1, min(cfg.tokenize_batch, docs.docs_per_epoch))
-    ds = docs.batch(chunk, batch_fn=list)
-    ds = ds.map(_TokenizeChunk(tok, cfg, sc.label, docs.docs_per_epoch))
+    ds = _ShardedEpochChunks(src, shard=process_index, num_shards=process_count,
+                             num_epochs=num_epochs, chunk=cfg.tokenize_batch,
+                             seed=(cfg.seed * 1_000_003 + i) % 2**32 if shuffle else None,
+                             label=sc.label)
+    max_empty = ds.chunks_per_epoch + 1
+    ds = ds.map(_TokenizeChunk(tok, cfg, sc.label))
     ds = ds.to_iter_dataset(gp.ReadOptions(num_threads=cfg.num_threads,
                                            prefetch_buffer_size=cfg.prefetch))
-    max_empty = -(-docs.docs_per_epoch // chunk) + 1
     ds = gx.FlatMapIterDataset(ds, _Flatten(sc.label, max_empty))
     ds = gx.ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len + 1})
     per_source.append(ds)
@@ -274,9 +284,14 @@ def _from_json(x):
   return x
 
 
-def _build(cfg: DataConfig, *, process_index: int, process_count: int, tokenizer_path,
-           vocab_size: int | None, num_real_tokens: int | None, num_epochs: int | None,
-           shuffle: bool, drop_remainder: bool):
+def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | None,
+           tokenizer_path, vocab_size: int | None, num_real_tokens: int | None,
+           num_epochs: int | None, shuffle: bool, drop_remainder: bool):
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if cfg.global_batch % process_count:
@@ -290,16 +305,23 @@ def _build(cfg: DataConfig, *, process_index: int, process_count: int, tokenizer
   ds = ds.batch(batch, drop_remainder=drop_remainder)
   ds = ds.map(_ToModelBatch(tok.piece_bytes()))
   if cfg.num_workers > 0:
+    from absl import flags
+
+    # grain's workers read absl flags; a trainer that does not use absl.app never parses them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(gp.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                   per_worker_buffer_size=2))
   return ds, batch
 
 
-def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int = 0,
-                        process_count: int = 1, tokenizer_path: str | os.PathLike | bytes,
+def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int | None = 0,
+                        process_count: int | None = 1, tokenizer_path: str | os.PathLike | bytes,
                         vocab_size: int | None = None,
                         num_real_tokens: int | None = None) -> DataIterator:
   """Shuffled, sharded, packed training batches of B = global_batch // process_count rows.
+
+  process_index / process_count: this process's shard; None = jax.process_index() / count().
 
   Infinite unless cfg.num_epochs is set (then the last partial batch is dropped). Raises
   DataError at start-up for a missing/empty corpus or a tokenizer that does not fit `vocab_size`.
@@ -313,8 +335,8 @@ def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int = 0,
   return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len)
 
 
-def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int = 0,
-                       process_count: int = 1, tokenizer_path: str | os.PathLike | bytes,
+def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int | None = 0,
+                       process_count: int | None = 1, tokenizer_path: str | os.PathLike | bytes,
                        vocab_size: int | None = None, num_real_tokens: int | None = None,
                        num_batches: int | None = None) -> DataIterator:
   """One deterministic pass in document order (no shuffle); the last batch is padded.

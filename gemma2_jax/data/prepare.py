@@ -65,7 +65,7 @@ def _init_worker(counter):
 
 def _write_shard(args) -> Summary:
   src, tok, lo, hi, path = args
-  from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+  from array_record.python.array_record_module import ArrayRecordWriter
 
   tok.num_threads = 1  # parallelism comes from the worker processes
   STATS.clear()
@@ -98,9 +98,9 @@ def tokenize_corpus(source: SourceConfig, tokenizer_path: str, output_dir: str, 
                     bad_utf8: str = "replace", bad_records: str = "skip", name: str = "data",
                     progress: bool = True) -> Summary:
   """Writes `{output_dir}/{name}.array_record-0000i-of-0000n` and `meta.json`; returns totals."""
-  from tqdm import tqdm  # noqa: PLC0415
+  from tqdm import tqdm
 
-  from gemma2_jax.data.tokenizer import Tokenizer  # noqa: PLC0415
+  from gemma2_jax.data.tokenizer import Tokenizer
 
   t0 = time.perf_counter()
   tok = Tokenizer(tokenizer_path)
@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
       print("\n".join(s.lines()))
       print(f"wrote {a.output_dir}/meta.json")
     else:
-      from gemma2_jax.data.tokenizer import Tokenizer, train_tokenizer  # noqa: PLC0415
+      from gemma2_jax.data.tokenizer import Tokenizer, train_tokenizer
 
       with tempfile.TemporaryDirectory() as tmp:
-        from gemma2_jax.data.sources import expand_paths, infer_format  # noqa: PLC0415
+        from gemma2_jax.data.sources import expand_paths, infer_format
 
         fmt = sc.format if sc.format != "auto" else infer_format(expand_paths(sc.paths))
         if fmt == "text" and sc.doc_per == "line":

@@ -51,7 +51,7 @@ def expand_paths(patterns: Sequence[str] | str) -> list[str]:
   for pat in patterns:
     has_glob = any(c in pat for c in "*?[")
     if _is_remote(pat):
-      from etils import epath  # noqa: PLC0415 -- only needed for remote paths
+      from etils import epath
 
       if has_glob:
         parts = pat.split("/")
@@ -133,7 +133,7 @@ class _Files:
         with self._lock:
           fd = self._handles.setdefault(f, os.open(path, os.O_RDONLY))
       return os.pread(fd, stop - start, start)
-    from etils import epath  # noqa: PLC0415
+    from etils import epath
 
     with self._lock:
       fh = self._handles.get(f)
@@ -145,7 +145,7 @@ class _Files:
   def size(self, f: int) -> int:
     path = self.files[f]
     if _is_remote(path):
-      from etils import epath  # noqa: PLC0415
+      from etils import epath
 
       return epath.Path(path).stat().length
     return os.path.getsize(path)
@@ -153,7 +153,7 @@ class _Files:
   def read_all(self, f: int) -> bytes:
     path = self.files[f]
     if _is_remote(path):
-      from etils import epath  # noqa: PLC0415
+      from etils import epath
 
       return epath.Path(path).read_bytes()
     with open(path, "rb") as fh:
@@ -263,7 +263,7 @@ class ParquetSource:
   _CACHE = 8
 
   def __init__(self, files: Sequence[str], *, text_field: str, bad_records: str):
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     self._paths = list(files)
     self._field = text_field
@@ -299,7 +299,7 @@ class ParquetSource:
     return int(self._cum[-1])
 
   def _group(self, k: int) -> list:
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     with self._lock:
       if k in self._cache:
@@ -334,7 +334,7 @@ class ArrayRecordTokensSource:
   """Pre-tokenized documents written by `prepare_data`: each record is little-endian int32 ids."""
 
   def __init__(self, files: Sequence[str]):
-    import grain.python as gp  # noqa: PLC0415
+    import grain.python as gp
 
     self._src = gp.ArrayRecordDataSource(list(files))
     self.files = list(files)
@@ -345,13 +345,16 @@ class ArrayRecordTokensSource:
   def __getitem__(self, i: int) -> np.ndarray:
     return np.frombuffer(self._src[i], dtype="<i4").astype(np.int32)
 
+  def __getitems__(self, ids: Sequence[int]) -> list[np.ndarray]:
+    return [np.frombuffer(r, dtype="<i4").astype(np.int32) for r in self._src.__getitems__(ids)]
+
 
 class TfdsSource:
   """`tfds.data_source` (random access over ArrayRecord-prepared TFDS datasets)."""
 
   def __init__(self, name: str, *, split: str, data_dir: str | None, text_field: str,
                bad_utf8: str):
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    import tensorflow_datasets as tfds
 
     try:
       self._src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)

@@ -34,7 +34,7 @@ class Tokenizer:
       self.path = os.fspath(path_or_bytes)
       try:
         if "://" in self.path:
-          from etils import epath  # noqa: PLC0415
+          from etils import epath
 
           self._proto = epath.Path(self.path).read_bytes()
         else:
@@ -112,7 +112,7 @@ def train_tokenizer(inputs: Sequence[str] | str, model_prefix: str, *, vocab_siz
                     character_coverage: float = 0.9995, input_sentence_size: int = 2_000_000,
                     num_threads: int | None = None, **overrides) -> str:
   """Trains a Gemma-convention SentencePiece model on text files; returns the .model path."""
-  from gemma2_jax.data.sources import expand_paths  # noqa: PLC0415
+  from gemma2_jax.data.sources import expand_paths
 
   files = expand_paths(inputs)
   opts = dict(GEMMA_TRAINER_OPTIONS, input=",".join(files), model_prefix=model_prefix,
