@@ -23,10 +23,11 @@ from gemma2_jax.checkpoint import (
   save_params,
   stored_dtype,
 )
+from gemma2_jax.cli import ArgumentParser
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m gemma2_jax.convert", description=__doc__,
+  parser = ArgumentParser(prog="python -m gemma2_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", required=True, help="checkpoint directory to read")
   parser.add_argument("--dst", required=True, help="new directory to write")

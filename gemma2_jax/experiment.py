@@ -209,3 +209,75 @@ def base_config(model: ModelConfig, **train):
                                      type_safe=False)
   c.init_from = ""
   return c
+
+
+def load_config_file(path: str):
+  """Runs `get_config()` of a configs/*.py file."""
+  import importlib.util
+  from pathlib import Path
+
+  p = Path(path)
+  if not p.is_file():
+    raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+  spec = importlib.util.spec_from_file_location(f"gemma2_jax_config_{p.stem}", p)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config()")
+  return module.get_config()
+
+
+def _parse_value(key: str, text: str, current):
+  import ast
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+  elif isinstance(current, int | float) or current is None:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text if current is None else None
+    if current is None or (isinstance(value, int | float) and not isinstance(value, bool) and (
+        isinstance(current, float) or isinstance(value, int))):
+      return float(value) if isinstance(current, float) else value
+  elif isinstance(current, str):
+    return text
+  elif isinstance(current, list | tuple):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text.split(",")
+    return list(value) if isinstance(value, list | tuple) else [value]
+  raise ConfigError(f"--config.{key}={text}: cannot parse as {type(current).__name__}")
+
+
+def apply_overrides(config, overrides: dict[str, str]):
+  """`--config.a.b=v` overrides, parsed by the type of the value they replace."""
+  import difflib
+
+  for dotted, text in overrides.items():
+    node, keys = config, dotted.split(".")
+    for i, key in enumerate(keys):
+      if not hasattr(node, "keys") or key not in node:
+        options = list(node.keys()) if hasattr(node, "keys") else []
+        hint = difflib.get_close_matches(key, options, n=1)
+        where = ".".join(keys[:i]) or "the config"
+        raise ConfigError(f"--config.{dotted}: {where} has no key {key!r}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+      if i == len(keys) - 1:
+        value = _parse_value(dotted, text, node[key])
+        with node.ignore_type() if hasattr(node, "ignore_type") else _null():
+          node[key] = value
+      else:
+        node = node[key]
+  return config
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False

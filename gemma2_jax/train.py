@@ -1,65 +1,65 @@
-"""`python -m gemma2_jax.train --config=configs/<x>.py [--config.a.b=v ...] --workdir=DIR`"""
+"""`python -m gemma2_jax.train --config=configs/<x>.py [--config.a.b=v ...] --workdir=DIR`
+
+Re-running the same command continues the run in the workdir. Bad input (config, data, checkpoint)
+ends with one `error: ...` line and exit code 1.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for metrics, TensorBoard and checkpoints")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() (TPU pods / SLURM auto-detect; "
-                                 "or give --coordinator_address/--num_processes/--process_id)")
-_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
-_NPROC = flags.DEFINE_integer("num_processes", None, "number of processes")
-_PID = flags.DEFINE_integer("process_id", None, "this process's index")
+from gemma2_jax.cli import ArgumentParser
 
 
-def _fail(msg: str) -> int:
-  print(f"error: {msg}", file=sys.stderr)
-  return 1
+def parse_args(argv):
+  parser = ArgumentParser(prog="python -m gemma2_jax.train", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="experiment config file (configs/*.py)")
+  parser.add_argument("--workdir", required=True, help="metrics, TensorBoard and checkpoints")
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() (TPU pods / SLURM auto-detect, or "
+                           "with --coordinator_address/--num_processes/--process_id)")
+  parser.add_argument("--coordinator_address", default=None)
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+  args, rest = parser.parse_known_args(argv)
+  overrides = {}
+  for item in rest:
+    if not item.startswith("--config.") or "=" not in item:
+      parser.error(f"unexpected argument {item!r}; overrides look like --config.train.steps=100")
+    key, value = item[len("--config."):].split("=", 1)
+    overrides[key] = value
+  return args, overrides
 
 
-def run(config, workdir: str) -> int:
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   import jax
 
   from gemma2_jax.checkpoint import CheckpointError
   from gemma2_jax.data import DataError
-  from gemma2_jax.experiment import ConfigError, from_config
+  from gemma2_jax.experiment import ConfigError, apply_overrides, from_config, load_config_file
   from gemma2_jax.trainer import Trainer, TrainingDiverged
 
+  if args.distributed or args.coordinator_address:
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   try:
+    config = apply_overrides(load_config_file(args.config), overrides)
     exp = from_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    trainer = Trainer(exp, workdir)
-    summary = trainer.run()
+    summary = Trainer(exp, args.workdir).run()
   except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
-    return _fail(str(e))
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
   if jax.process_index() == 0:
     keys = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "tokens_per_s", "mfu")
     parts = [f"{k}={summary[k]:.4g}" for k in keys if k in summary]
-    print(f"done: {exp.train.steps} steps; " + " ".join(parts) + f"; workdir={workdir}")
-    with open(f"{workdir}/summary.json", "w") as f:
+    print(f"done: {exp.train.steps} steps; " + " ".join(parts) + f"; workdir={args.workdir}")
+    with open(f"{args.workdir}/summary.json", "w") as f:
       json.dump(summary, f, indent=2)
   return 0
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    return _fail(f"unexpected arguments {argv[1:]}; use --config=FILE and --config.key=value")
-  if _CONFIG.value is None:
-    return _fail("--config is required, e.g. --config=configs/pretrain_tiny.py")
-  if not _WORKDIR.value:
-    return _fail("--workdir is required (metrics, TensorBoard and checkpoints go there)")
-  if _DISTRIBUTED.value or _COORD.value:
-    import jax
-    jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
-  return run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(main())

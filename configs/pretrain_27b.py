@@ -1,0 +1,27 @@
+"""Gemma 2 27B pre-trained from scratch at 8k context (query scale 144^-0.5, 32/16 heads of 128).
+
+  python -m gemma2_jax.train --config=configs/pretrain_27b.py --workdir=gs://BUCKET/runs/pretrain_27b \
+      --config.data.train.paths='gs://BUCKET/corpus/*.jsonl' \
+      --config.data.tokenizer=/ckpt/gemma/tokenizer.model
+
+Sized for a TPU v5p-256 class slice: FSDP x 4-way tensor parallelism, bf16 compute, full remat,
+gradient accumulation over 2 micro-batches.
+"""
+
+from gemma2_jax.experiment import base_config
+from gemma2_jax.model.config import gemma2_27b
+
+
+def get_config():
+  model = gemma2_27b(dtype="bfloat16", attention_impl="blockwise", attention_block_size=1024,
+                     remat="full")
+  c = base_config(model, steps=500_000, global_batch=1024, seq_len=8192, grad_accum_steps=2,
+                  loss_chunk=512, log_every=50, eval_every=2000, eval_batches=32)
+  c.mesh.tensor = 4
+  c.optimizer.learning_rate = 1.5e-4
+  c.optimizer.end_learning_rate = 1.5e-5
+  c.optimizer.warmup_steps = 2000
+  c.data.tokenizer = "/ckpt/gemma/tokenizer.model"
+  c.data.train.paths = "gs://BUCKET/corpus/*.jsonl"
+  c.data.train.format = "jsonl"
+  return c
