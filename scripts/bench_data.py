@@ -56,11 +56,11 @@ def time_iterator(it, steps: int) -> tuple[float, float]:
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--mb", type=float, default=40)
-  ap.add_argument("--doc_chars", type=int, default=1500)
+  ap.add_argument("--mb", type=float, default=30)
+  ap.add_argument("--doc_chars", type=int, default=600)
   ap.add_argument("--seq_len", type=int, default=2048)
   ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--steps", type=int, default=100)
+  ap.add_argument("--steps", type=int, default=150)
   ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
   ap.add_argument("--workers", type=int, default=0)
   ap.add_argument("--tokenizer", default=str(ROOT / "tests/data/ko_sp1024.model"))
@@ -76,11 +76,13 @@ def main():
 
     tok = Tokenizer(a.tokenizer, num_threads=a.threads)
     texts = [json.loads(ln)["text"] for ln in open(corpus, encoding="utf-8")][:4000]
-    tok.encode_batch(texts[:100])
-    t0 = time.perf_counter()
-    n = sum(len(x) for x in tok.encode_batch(texts))
-    print(f"encode    {n / (time.perf_counter() - t0):>12,.0f} tokens/s  (SentencePiece batch "
-          f"encode alone, {a.threads} threads)")
+    best = 0.0
+    for _ in range(3):  # best of 3: the machine is shared and noisy
+      t0 = time.perf_counter()
+      n = sum(len(x) for x in tok.encode_batch(texts))
+      best = max(best, n / (time.perf_counter() - t0))
+    print(f"encode    {best:>12,.0f} tokens/s  (SentencePiece batch encode alone, {a.threads} "
+          "threads, best of 3)")
 
     def cfg(paths, fmt):
       return DataConfig(sources=[SourceConfig(paths=paths, format=fmt)], seq_len=a.seq_len,

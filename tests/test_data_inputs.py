@@ -89,6 +89,8 @@ def test_tokenizer_vocab_mismatch_is_a_startup_error(tmp_path):
     make_train_iterator(_cfg(str(p)), tokenizer_path=TOK, vocab_size=1024, num_real_tokens=1000)
   # a padded embedding (Gemma: 256000 pieces, 256128 rows) is fine
   make_train_iterator(_cfg(str(p)), tokenizer_path=TOK, vocab_size=1152)
+  with pytest.raises(DataError, match="vocab_size is 256128: more than 256 padding rows"):
+    make_train_iterator(_cfg(str(p)), tokenizer_path=TOK, vocab_size=256128)
   with pytest.raises(DataError, match="tokenizer model not found"):
     make_train_iterator(_cfg(str(p)), tokenizer_path=str(tmp_path / "nope.model"))
 
@@ -197,6 +199,15 @@ def test_malformed_jsonl_and_missing_field(tmp_path, caplog):
   q.write_text('{"body": "x"}\n', encoding="utf-8")
   with pytest.raises(DataError, match=f"{q}:1: missing text field 'text'"):
     next(make_eval_iterator(_cfg(str(q), bad_records="fail"), tokenizer_path=TOK))
+
+
+def test_invalid_utf8_inside_jsonl(tmp_path):
+  p = tmp_path / "u.jsonl"
+  p.write_bytes(b'{"text": "ok \xff"}\n' + '{"text": "한국어"}\n'.encode())
+  tok = Tokenizer(TOK)
+  assert [tok.decode(d) for d in _all_docs(_cfg(str(p)))] == ["ok \ufffd", "한국어"]
+  with pytest.raises(DataError, match=f"{p}:1: invalid UTF-8"):
+    next(make_eval_iterator(_cfg(str(p), bad_utf8="fail"), tokenizer_path=TOK))
 
 
 def test_all_documents_skipped_is_an_error_not_a_hang(tmp_path):

@@ -11,6 +11,7 @@ from gemma2_jax.data import (
     BOS_ID,
     EOS_ID,
     DataConfig,
+    DataError,
     SourceConfig,
     Tokenizer,
     make_eval_iterator,
@@ -186,6 +187,18 @@ def test_resume_mid_epoch_gives_identical_batches(corpus):
     fresh = make_train_iterator(cfg, tokenizer_path=TOK)
     fresh.set_state(state)
     assert _equal(_take(fresh, 60 - k), ref[k:]), k
+
+
+def test_resume_refuses_a_different_pipeline(corpus):
+  path, _ = corpus
+  it = make_train_iterator(_cfg(path), tokenizer_path=TOK)
+  _take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  with pytest.raises(DataError, match="saved by a different pipeline.*'seed': \\(3, 4\\)"):
+    make_train_iterator(_cfg(path, seed=4), tokenizer_path=TOK).set_state(state)
+  other = make_train_iterator(_cfg(path), process_index=1, process_count=2, tokenizer_path=TOK)
+  with pytest.raises(DataError, match="process_count"):
+    other.set_state(state)
 
 
 def test_resume_with_worker_threads_and_mixture(tmp_path, corpus):

@@ -22,6 +22,7 @@ row continues in the next row with positions restarting at 0 (no <bos> is insert
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -225,8 +226,9 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
   """
 
   def __init__(self, ds: grain.IterDataset, *, batch_size: int, seq_len: int,
-               pad_to: int | None = None):
+               pad_to: int | None = None, fingerprint: Mapping[str, Any] | None = None):
     self._ds = ds
+    self._fingerprint = _jsonable(dict(fingerprint or {}))
     self._it = iter(ds)
     self.batch_size, self.seq_len = batch_size, seq_len
     self._pad_to = pad_to
@@ -263,9 +265,15 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"grain": _jsonable(self._it.get_state()), "count": self._count, "done": self._done}
+    return {"grain": _jsonable(self._it.get_state()), "count": self._count, "done": self._done,
+            "fingerprint": self._fingerprint}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    saved = state.get("fingerprint")
+    if saved is not None and _jsonable(saved) != self._fingerprint:
+      diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+      raise DataError(f"data iterator state was saved by a different pipeline; (saved, now): "
+                      f"{diff}")
     self._it.set_state(_from_json(state["grain"]))
     self._count = int(state["count"])
     self._done = bool(state["done"])
@@ -312,7 +320,17 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(gp.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                   per_worker_buffer_size=2))
-  return ds, batch
+  # What the batch sequence depends on; a resume under anything else would not be exact.
+  fingerprint = dict(
+      # Paths are left out so that a corpus can move (e.g. to another bucket) between runs.
+      sources=[{k: v for k, v in dataclasses.asdict(sc).items()
+                if k not in ("paths", "tfds_data_dir")} for sc in cfg.sources],
+      tokenizer_sha256=tok.sha256,
+      process_index=process_index, process_count=process_count, num_epochs=num_epochs,
+      shuffle=shuffle, **{k: getattr(cfg, k) for k in (
+          "seq_len", "global_batch", "seed", "add_bos", "add_eos", "long_docs",
+          "tokenize_batch", "num_workers")})
+  return ds, batch, fingerprint
 
 
 def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int | None = 0,
@@ -328,11 +346,11 @@ def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int | None 
   """
   if not isinstance(cfg, DataConfig):
     cfg = DataConfig.from_dict(cfg)
-  ds, batch = _build(cfg, process_index=process_index, process_count=process_count,
-                     tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                     num_real_tokens=num_real_tokens, num_epochs=cfg.num_epochs,
-                     shuffle=cfg.shuffle, drop_remainder=True)
-  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len)
+  ds, batch, fp = _build(cfg, process_index=process_index, process_count=process_count,
+                         tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+                         num_real_tokens=num_real_tokens, num_epochs=cfg.num_epochs,
+                         shuffle=cfg.shuffle, drop_remainder=True)
+  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, fingerprint=fp)
 
 
 def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int | None = 0,
@@ -346,8 +364,9 @@ def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int | None =
   """
   if not isinstance(cfg, DataConfig):
     cfg = DataConfig.from_dict(cfg)
-  ds, batch = _build(cfg, process_index=process_index, process_count=process_count,
-                     tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                     num_real_tokens=num_real_tokens, num_epochs=1, shuffle=False,
-                     drop_remainder=False)
-  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, pad_to=num_batches)
+  ds, batch, fp = _build(cfg, process_index=process_index, process_count=process_count,
+                         tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+                         num_real_tokens=num_real_tokens, num_epochs=1, shuffle=False,
+                         drop_remainder=False)
+  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, pad_to=num_batches,
+                      fingerprint=fp)

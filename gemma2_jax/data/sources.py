@@ -162,7 +162,10 @@ class _Files:
 
 def _line_index(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """uint8 file contents -> (starts, stops, 1-based line numbers) of the non-empty lines."""
-  nl = np.flatnonzero(buf == 10)
+  # Scan in blocks: a whole-file `buf == 10` would allocate one byte per byte of a multi-GB file.
+  block = 1 << 26
+  nl = np.concatenate([np.flatnonzero(buf[i:i + block] == 10) + i
+                       for i in range(0, len(buf), block)] or [np.zeros(0, np.int64)])
   starts = np.concatenate([[0], nl + 1]).astype(np.int64)
   stops = np.concatenate([nl, [len(buf)]]).astype(np.int64)
   # Strip CR of CRLF endings.

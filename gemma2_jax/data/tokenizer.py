@@ -12,6 +12,9 @@ import sentencepiece as spm
 from gemma2_jax.data.sources import DataError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+# Models may pad the embedding past the tokenizer (Gemma: 256000 pieces, 256128 rows); a bigger gap
+# is taken as a tokenizer that belongs to another model.
+MAX_PADDING_ROWS = 256
 
 # Trainer options that reproduce Gemma's tokenizer behaviour: identity normalisation and no dummy
 # prefix or whitespace collapsing, so decode(encode(text)) == text byte for byte (Hangul included).
@@ -68,11 +71,16 @@ class Tokenizer:
     return hashlib.sha256(self._proto).hexdigest()
 
   def check(self, vocab_size: int | None = None, *, num_real_tokens: int | None = None) -> None:
-    """Fails at start-up if ids would not fit the model or special ids differ from Gemma's."""
+    """Fails at start-up unless n_pieces <= vocab_size <= n_pieces + MAX_PADDING_ROWS (and
+    n_pieces == num_real_tokens when given) and the special ids are Gemma's."""
     n = self.vocab_size
     if vocab_size is not None and n > vocab_size:
       raise DataError(f"tokenizer {self.path} has {n} pieces but the model's vocab_size is "
                       f"{vocab_size}: ids >= {vocab_size} would index past the embedding")
+    if vocab_size is not None and vocab_size - n > MAX_PADDING_ROWS:
+      raise DataError(f"tokenizer {self.path} has {n} pieces but the model's vocab_size is "
+                      f"{vocab_size}: more than {MAX_PADDING_ROWS} padding rows means this is "
+                      "not the model's tokenizer")
     if num_real_tokens is not None and n != num_real_tokens:
       raise DataError(f"tokenizer {self.path} has {n} pieces but the model expects "
                       f"num_real_tokens={num_real_tokens}")
