@@ -7,16 +7,18 @@ Every problem is reported as one ConfigError line before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from typing import Any, Literal, Union
 
+from gemma2_jax.checkpoint.manager import CheckpointConfig
 from gemma2_jax.data.config import DataConfig
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.optim import OptimizerConfig
 from gemma2_jax.sharding import DEFAULT_RULES, MESH_AXES, resolve_mesh_shape
 
-TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from")
+TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from", "checkpoint")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,10 @@ class Experiment:
   data_eval: DataConfig | None
   tokenizer: str
   init_from: str
+  checkpoint: CheckpointConfig = CheckpointConfig()
+
+  def to_json_dict(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 
 
 def _type_ok(value, hint) -> bool:
@@ -138,6 +144,7 @@ def from_config(config, *, num_devices: int, process_count: int = 1) -> Experime
   model = typed(ModelConfig, "model", c["model"])
   train = typed(TrainConfig, "train", c["train"])
   optimizer = typed(OptimizerConfig, "optimizer", c.get("optimizer", {}))
+  ckpt = typed(CheckpointConfig, "checkpoint", c.get("checkpoint", {}))
 
   mesh_sizes = c.get("mesh", {"fsdp": -1})
   bad_axes = sorted(set(mesh_sizes) - set(MESH_AXES))
@@ -181,7 +188,7 @@ def from_config(config, *, num_devices: int, process_count: int = 1) -> Experime
   data_eval = _data_config("data.eval", data.get("eval"), shape)
   return Experiment(model=model, mesh=mesh, rules=rules, optimizer=optimizer, train=train,
                     data_train=data_train, data_eval=data_eval, tokenizer=str(data["tokenizer"]),
-                    init_from=str(c.get("init_from") or ""))
+                    init_from=str(c.get("init_from") or ""), checkpoint=ckpt)
 
 
 def base_config(model: ModelConfig, **train):
@@ -208,6 +215,7 @@ def base_config(model: ModelConfig, **train):
   c.data = ml_collections.ConfigDict({"tokenizer": "", "train": data_defaults, "eval": None},
                                      type_safe=False)
   c.init_from = ""
+  c.checkpoint = fields(CheckpointConfig)
   return c
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma2_jax import checkpoint, flops
+from gemma2_jax.checkpoint.manager import TrainCheckpointer
 from gemma2_jax.data.pipeline import make_eval_iterator, make_train_iterator
 from gemma2_jax.experiment import Experiment
 from gemma2_jax.losses import cross_entropy_sums
@@ -224,75 +228,171 @@ class Trainer:
             "eval_accuracy": float(totals["correct"]) / weight,
             "eval_bits_per_byte": nll / math.log(2) / max(float(totals["bytes"]), 1.0)}
 
+  def _check_workdir(self):
+    """A workdir belongs to one model: refuse (before touching anything) to mix runs."""
+    path = self.workdir / "config.json"
+    mine = self.exp.to_json_dict()
+    if path.exists():
+      theirs = json.loads(path.read_text()).get("model", {})
+      diff = sorted(k for k in set(theirs) | set(mine["model"])
+                    if theirs.get(k) != mine["model"].get(k) and k not in _RESUMABLE_MODEL_KEYS)
+      if diff:
+        k = diff[0]
+        raise checkpoint.CheckpointError(
+          f"workdir {self.workdir} holds a run of a different model (model.{k}: "
+          f"{theirs.get(k)!r} there, {mine['model'].get(k)!r} now); use a new --workdir")
+    elif jax.process_index() == 0:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(mine, indent=2))
+
+  def restore_or_init(self, ckpt: TrainCheckpointer) -> TrainState:
+    """The one place that decides where training starts: workdir checkpoint > init_from > scratch."""
+    step = ckpt.latest_step()
+    if step is None:
+      return init_state(self.exp, self.tx, self.sh)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            _abstract_state(self.exp, self.tx), self.sh.state)
+    return ckpt.restore(step, abstract, self.train_iter)
+
   def run(self) -> dict:
     exp, tcfg = self.exp, self.exp.train
-    state = init_state(exp, self.tx, self.sh)
+    self._check_workdir()
+    ckpt = TrainCheckpointer(self.workdir, exp.checkpoint)
+    state = self.restore_or_init(ckpt)
+    start = int(jax.device_get(state.step))
+    config_json = exp.to_json_dict()
     writer = MetricsWriter(self.workdir)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
     bar = None
     if tcfg.progress_bar and jax.process_index() == 0:
       from tqdm import tqdm
-      bar = tqdm(total=tcfg.steps, desc="train", unit="step", dynamic_ncols=True)
-    pending, last, summary, skipped = None, {}, {}, 0
+      bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    pending, last, summary, skipped = None, {}, {"start_step": start}, 0
     window_start, window_steps = None, 0
-    try:
-      for step in range(tcfg.steps + 1):
-        if step < tcfg.steps:
-          if step == tcfg.profile_start:
-            jax.profiler.start_trace(str(self.workdir / "profile"))
-          batch = next(self.train_iter)
-          with self._sharding_ctx():
-            state, metrics = self.train_step(
-              state, to_global({k: batch[k] for k in BATCH_KEYS}, self.sh))
-          if tcfg.profile_start >= 0 and step == tcfg.profile_start + tcfg.profile_steps - 1:
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-        # Step N's metrics are read only after step N+1 is dispatched: the device never waits.
-        if pending is not None:
-          done_step, done_metrics = pending
-          m = jax.device_get(done_metrics)
-          now = time.perf_counter()
-          if not m["finite"]:
-            if tcfg.nonfinite == "stop":
-              raise TrainingDiverged(
-                f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "
-                f"{done_step + 1}; stopping. Lower optimizer.learning_rate, or set "
-                "train.nonfinite=skip to skip such steps")
-            skipped += 1
-          if window_start is None:  # the first step includes compilation: not timed
-            window_start, window_steps = now, 0
-          else:
-            window_steps += 1
-          if (done_step + 1) % tcfg.log_every == 0 or done_step + 1 == tcfg.steps:
-            last = {k: float(v) for k, v in m.items() if k != "finite"}
-            if window_steps:
-              dt = (now - window_start) / window_steps
-              last["step_time_s"] = dt
-              last["tokens_per_s"] = tokens_per_step / dt
-              achieved = self.flops_per_token * tokens_per_step / dt / jax.device_count()
-              last["tflops_per_device"] = achieved / 1e12
-              if self.peak:
-                last["mfu"] = achieved / self.peak
+    with _sigterm_flag() as preempted:
+      try:
+        for step in range(start, tcfg.steps + 1):
+          if step < tcfg.steps:
+            if step == tcfg.profile_start:
+              jax.profiler.start_trace(str(self.workdir / "profile"))
+            batch = next(self.train_iter)
+            with self._sharding_ctx():
+              state, metrics = self.train_step(
+                state, to_global({k: batch[k] for k in BATCH_KEYS}, self.sh))
+            if tcfg.profile_start >= 0 and step == tcfg.profile_start + tcfg.profile_steps - 1:
+              jax.block_until_ready(state)
+              jax.profiler.stop_trace()
+          # Step N's metrics are read only after step N+1 is dispatched: the device never waits.
+          if pending is not None:
+            done_step, done_metrics = pending
+            m = jax.device_get(done_metrics)
+            now = time.perf_counter()
+            skipped += self._check_finite(m, done_step)
+            if window_start is None:  # the first step includes compilation: not timed
               window_start, window_steps = now, 0
-            last["skipped_steps"] = skipped
-            writer.write(done_step + 1, last)
+            else:
+              window_steps += 1
+            if (done_step + 1) % tcfg.log_every == 0 or done_step + 1 == tcfg.steps:
+              last = {k: float(v) for k, v in m.items() if k != "finite"}
+              if window_steps:
+                dt = (now - window_start) / window_steps
+                last["step_time_s"] = dt
+                last["tokens_per_s"] = tokens_per_step / dt
+                achieved = self.flops_per_token * tokens_per_step / dt / jax.device_count()
+                last["tflops_per_device"] = achieved / 1e12
+                if self.peak:
+                  last["mfu"] = achieved / self.peak
+                window_start, window_steps = now, 0
+              last["skipped_steps"] = skipped
+              writer.write(done_step + 1, last)
+              if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}",
+                                tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
             if bar is not None:
-              bar.set_postfix(loss=f"{last['loss']:.4f}",
-                              tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
-          if bar is not None:
-            bar.update(1)
-          if tcfg.eval_every and exp.data_eval and (done_step + 1) % tcfg.eval_every == 0 and (
-              done_step + 1) < tcfg.steps:
-            writer.write(done_step + 1, self.evaluate(state.params))
-        pending = (step, metrics) if step < tcfg.steps else None
-      summary = dict(last)
-      if exp.data_eval is not None:
-        ev = self.evaluate(state.params)
-        writer.write(tcfg.steps, ev)
-        summary.update(ev)
-    finally:
-      if bar is not None:
-        bar.close()
-      writer.close()
+              bar.update(1)
+            if tcfg.eval_every and exp.data_eval and (done_step + 1) % tcfg.eval_every == 0 and (
+                done_step + 1) < tcfg.steps:
+              writer.write(done_step + 1, self.evaluate(state.params))
+          pending = (step, metrics) if step < tcfg.steps else None
+          if step == tcfg.steps:
+            break
+          done = step + 1  # `state` is now the state after `done` steps
+          every = exp.checkpoint.save_every
+          if preempted() or ckpt.reached_preemption(done):
+            # Only a state whose update was finite is saved (read its metrics now, once).
+            self._check_finite(jax.device_get(metrics), step)
+            ckpt.save(done, state, self.train_iter, config_json, force=True)
+            ckpt.wait()
+            summary["preempted_at_step"] = done
+            break
+          if every and done % every == 0 and done < tcfg.steps:
+            self._check_finite(jax.device_get(metrics), step)
+            ckpt.save(done, state, self.train_iter, config_json)
+        if "preempted_at_step" not in summary:
+          if ckpt.latest_step() != tcfg.steps:
+            ckpt.save(tcfg.steps, state, self.train_iter, config_json, force=True)
+          ckpt.wait()
+          summary.update(last)
+          if exp.data_eval is not None:
+            ev = self.evaluate(state.params)
+            writer.write(tcfg.steps, ev)
+            summary.update(ev)
+          if exp.checkpoint.export_hf:
+            summary["hf_export"] = str(
+              export_hf(state.params, exp.model, self.workdir / f"hf_step{tcfg.steps}"))
+      finally:
+        if bar is not None:
+          bar.close()
+        writer.close()
+        ckpt.close()
     self.state = state
     return summary
+
+  def _check_finite(self, m: dict, step: int) -> int:
+    """1 if step's update was skipped as non-finite, 0 if finite; raises in 'stop' mode."""
+    if m["finite"]:
+      return 0
+    if self.exp.train.nonfinite == "stop":
+      raise TrainingDiverged(
+        f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {step + 1}; "
+        "stopping without saving it (the last checkpoint is kept). Lower optimizer.learning_rate, "
+        "or set train.nonfinite=skip to skip such steps")
+    return 1
+
+
+# Model fields that may change between runs in one workdir (numerics and memory, not shapes).
+_RESUMABLE_MODEL_KEYS = ("attention_impl", "attention_block_size", "remat", "dtype")
+
+
+def _abstract_state(exp: Experiment, tx) -> TrainState:
+  params = _abstract_params(exp.model)
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                    opt_state=jax.eval_shape(tx.init, params))
+
+
+def export_hf(params: dict, model_cfg: ModelConfig, path: Path) -> Path:
+  """Gathers the (sharded) params to process 0, which writes them as HF safetensors."""
+  from jax.experimental import multihost_utils
+  host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+  if jax.process_index() == 0 and not path.exists():  # a finished run re-run: already exported
+    checkpoint.save_params(host, model_cfg, path, "hf")
+  return path
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """SIGTERM (preemption, `kill`) and Ctrl-C set a flag the loop checks once per step."""
+  received = []
+
+  def handler(signum, frame):
+    received.append(signum)
+
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield lambda: bool(received)
+  finally:
+    for sig, h in old.items():
+      signal.signal(sig, h)

@@ -1,0 +1,104 @@
+"""Training checkpoints in the workdir: Orbax CheckpointManager over the train state, every process's
+data-iterator state, and the resolved config (JSON).
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, config}. Orbax writes each step into a temporary
+directory and renames it only when the (async) save is finalized, so a step directory that exists is
+complete: a save killed midway is never picked up on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import grain.checkpoint
+import jax
+import orbax.checkpoint as ocp
+
+from gemma2_jax.checkpoint.errors import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+  save_every: int = 1000  # steps between saves (0 = only at the end and on SIGTERM)
+  keep_last: int = 3  # most recent checkpoints kept
+  keep_every: int = 0  # also keep every step that is a multiple of this, forever (0 = none)
+  async_save: bool = True
+  export_hf: bool = True  # write the final params as HF safetensors to WORKDIR/hf at the end
+  restore_data: bool = True  # restore the data iterators; False starts them afresh (explicit)
+
+  def __post_init__(self):
+    if self.save_every < 0 or self.keep_last < 1 or self.keep_every < 0:
+      raise ValueError("checkpoint.save_every and keep_every must be >= 0, keep_last >= 1")
+
+
+class _IteratorState:
+  """Adapts our data iterator to grain's Orbax handler (one JSON file per process)."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state()).encode()
+
+  def set_state(self, state: bytes):
+    self.iterator.set_state(json.loads(state))
+
+  def start_prefetch(self):
+    pass
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+  return Path(workdir) / "checkpoints"
+
+
+class TrainCheckpointer:
+  def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
+    self.directory = checkpoint_dir(workdir)
+    self.cfg = cfg
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None,
+      enable_async_checkpointing=cfg.async_save, create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, config: dict, *, force: bool = False):
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator)),
+      config=ocp.args.JsonSave(config))
+    self.manager.save(step, args=args, force=force)
+
+  def saved_process_count(self, step: int) -> int:
+    files = list((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+    return int(files[0].stem.rsplit("-of-", 1)[1]) if files else 0
+
+  def restore(self, step: int, abstract_state, data_iterator) -> Any:
+    """Restores the state onto the shardings carried by `abstract_state` (any mesh)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if self.cfg.restore_data:
+      saved = self.saved_process_count(step)
+      if saved != jax.process_count():
+        raise CheckpointError(
+          f"checkpoint step {step} holds data-iterator state of {saved} processes but this run has "
+          f"{jax.process_count()}; the data order cannot be re-mapped. Resume with {saved} "
+          "processes, or set checkpoint.restore_data=False to restart the data stream (documents "
+          "already seen may be seen again)")
+      items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
+    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def restore_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
