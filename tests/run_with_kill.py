@@ -1,0 +1,47 @@
+"""Test driver: runs `python -m gemma2_jax.train ARGS` and SIGKILLs itself at a chosen point.
+
+  python tests/run_with_kill.py MODE STEP -- <train args>
+MODE: `after_step` (killed when the batch for STEP+1 is requested, i.e. mid-run with no save in
+flight) or `during_save` (killed right after the async save of STEP was started, before it is
+finalized). Used by tests/test_resume.py; never by the library.
+"""
+
+import os
+import signal
+import sys
+
+from gemma2_jax import train, trainer
+from gemma2_jax.checkpoint.manager import TrainCheckpointer
+
+
+def main():
+  mode, step = sys.argv[1], int(sys.argv[2])
+  args = sys.argv[sys.argv.index("--") + 1:]
+  if mode == "during_save":
+    original = TrainCheckpointer.save
+
+    def save(self, s, *a, **kw):
+      original(self, s, *a, **kw)
+      if s == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    TrainCheckpointer.save = save
+  elif mode == "after_step":
+    original_to_global = trainer.to_global
+    calls = {"n": 0}
+
+    def to_global(batch, sh):
+      if batch.get("tokens") is not None and len(batch) == len(trainer.BATCH_KEYS):
+        if calls["n"] == step:
+          os.kill(os.getpid(), signal.SIGKILL)
+        calls["n"] += 1
+      return original_to_global(batch, sh)
+
+    trainer.to_global = to_global
+  else:
+    raise SystemExit(f"unknown mode {mode}")
+  sys.exit(train.main(args))
+
+
+if __name__ == "__main__":
+  main()

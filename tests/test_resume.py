@@ -1,0 +1,140 @@
+"""Exact resume: a run killed (SIGKILL / SIGTERM) and re-run equals an uninterrupted run bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+COMMON = ["--config=configs/pretrain_tiny.py", f"--config.train.steps={STEPS}",
+          "--config.train.global_batch=4", "--config.train.seq_len=32", "--config.train.log_every=1",
+          "--config.train.eval_every=0", "--config.train.eval_batches=1",
+          "--config.train.progress_bar=False", "--config.checkpoint.save_every=3",
+          "--config.checkpoint.export_hf=False", "--config.model.num_layers=2",
+          "--config.model.d_model=32", "--config.model.ffn_dim=64", "--config.model.head_dim=8",
+          "--config.model.query_pre_attn_scalar=8", "--config.model.sliding_window=8",
+          "--config.train.loss_chunk=16", "--config.optimizer.warmup_steps=2"]
+
+
+def _env(devices=1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def train(workdir, *extra, devices=1, check=True):
+  cmd = [sys.executable, "-m", "gemma2_jax.train", f"--workdir={workdir}", *COMMON, *extra]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(devices), timeout=600)
+  if check:
+    assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+def killed(workdir, mode, step):
+  cmd = [sys.executable, str(ROOT / "tests" / "run_with_kill.py"), mode, str(step), "--",
+         f"--workdir={workdir}", *COMMON]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=600)
+  assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+
+
+def losses(workdir) -> dict[int, float]:
+  out = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if "loss" in row:
+      out[row["step"]] = row["loss"]  # a re-run step overwrites the killed run's value
+  return out
+
+
+def final_state(workdir, step=STEPS):
+  path = Path(workdir) / "checkpoints" / str(step) / "state"
+  return ocp.StandardCheckpointer().restore(path.absolute())
+
+
+def assert_same_state(a, b):
+  flat_a, flat_b = _flatten(a), _flatten(b)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=k)
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}/{k}"))
+    return out
+  if isinstance(tree, list | tuple):
+    out = {}
+    for i, v in enumerate(tree):
+      out.update(_flatten(v, f"{prefix}/{i}"))
+    return out
+  return {prefix: tree}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  train(workdir)
+  return workdir, losses(workdir), final_state(workdir)
+
+
+@pytest.mark.parametrize("mode,step", [("after_step", 5), ("during_save", 3), ("after_step", 1)])
+def test_sigkill_and_rerun_is_bit_identical(reference, tmp_path, mode, step):
+  _, ref_losses, ref_state = reference
+  killed(tmp_path, mode, step)
+  ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  if mode == "during_save":
+    assert step not in ckpts, "a save killed before finalization must not look complete"
+  train(tmp_path)
+  assert losses(tmp_path) == ref_losses
+  assert_same_state(final_state(tmp_path), ref_state)
+
+
+def test_sigterm_saves_current_step_and_resume_continues(reference, tmp_path):
+  _, ref_losses, ref_state = reference
+  cmd = [sys.executable, "-m", "gemma2_jax.train", f"--workdir={tmp_path}", *COMMON,
+         f"--config.train.steps={STEPS * 50}", "--config.checkpoint.save_every=0"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=_env())
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and len(losses(tmp_path)) >= 3):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = json.loads((tmp_path / "summary.json").read_text())["preempted_at_step"]
+  assert saved >= 3 and (tmp_path / "checkpoints" / str(saved)).is_dir()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [str(saved)]
+  r = train(tmp_path, f"--config.train.steps={saved + 2}", "--config.checkpoint.save_every=0")
+  assert json.loads((tmp_path / "summary.json").read_text())["start_step"] == saved, r.stdout
+
+
+def test_restore_8_device_checkpoint_on_4_devices(tmp_path):
+  batch = "--config.train.global_batch=8"
+  train(tmp_path, "--config.train.steps=3", "--config.mesh.fsdp=-1", batch, devices=8)
+  r = train(tmp_path, "--config.train.steps=5", "--config.mesh.fsdp=-1", batch, devices=4)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["start_step"] == 3 and np.isfinite(summary["loss"]), r.stdout
+  state = final_state(tmp_path, 5)
+  assert state["params"]["layers"]["attn"]["q_einsum"].shape[0] == 2
+
+
+def test_workdir_of_another_model_is_refused_untouched(reference, tmp_path):
+  train(tmp_path, "--config.train.steps=3")
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  r = train(tmp_path, "--config.model.d_model=48", check=False)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+  assert "different model (model.d_model: 32 there, 48 now)" in r.stderr
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
