@@ -12,10 +12,10 @@ def rms_norm(x, scale, eps: float):
 
 
 def soft_cap(x, cap: float | None):
-  """`cap * tanh(x / cap)` in fp32; identity when cap is None."""
+  """`cap * tanh(x / cap)` in at least fp32 (float64 stays float64); identity when cap is None."""
   if cap is None:
     return x
-  return cap * jnp.tanh(x.astype(jnp.float32) / cap)
+  return cap * jnp.tanh(x.astype(jnp.promote_types(x.dtype, jnp.float32)) / cap)
 
 
 def apply_rope(x_BTNH, positions_BT, base: float):

@@ -216,8 +216,9 @@ def forward_hidden(cfg: ModelConfig, params: dict, tokens_BT, positions_BT=None,
 
 
 def logits_from_hidden(cfg: ModelConfig, embedding_VD, hidden_BTD):
+  # fp32 logits from bf16/fp32 hidden states; float64 stays float64 (exact-reference tests under x64).
   logits = jnp.einsum("...D,VD->...V", hidden_BTD, embedding_VD.astype(hidden_BTD.dtype),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.promote_types(hidden_BTD.dtype, jnp.float32))
   logits = soft_cap(logits, cfg.final_softcap)
   if cfg.num_real_tokens is not None and cfg.num_real_tokens < cfg.vocab_size:
     logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.num_real_tokens, logits, PADDED_LOGIT)
