@@ -14,11 +14,13 @@ from typing import Any, Literal, Union
 
 from gemma2_jax.checkpoint.manager import CheckpointConfig
 from gemma2_jax.data.config import DataConfig
+from gemma2_jax.losses import DistillConfig
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.optim import OptimizerConfig
 from gemma2_jax.sharding import DEFAULT_RULES, MESH_AXES, resolve_mesh_shape
 
-TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from", "checkpoint")
+TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from", "checkpoint",
+             "teacher", "distill")
 
 
 class ConfigError(ValueError):
@@ -52,6 +54,16 @@ class TrainConfig:
       raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+  """A frozen teacher for online distillation: loaded once, no gradients, no optimizer state."""
+
+  checkpoint: str = ""  # HF safetensors dir, Kaggle Flax or native checkpoint (or a training workdir)
+  dtype: str = "bfloat16"  # params and compute
+  preset: str = ""  # model preset to read the checkpoint with (Kaggle trees of non-release shapes)
+  sharding_rules: list | None = None  # logical rules for the teacher's params; None = the student's
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   model: ModelConfig
@@ -64,6 +76,15 @@ class Experiment:
   tokenizer: str
   init_from: str
   checkpoint: CheckpointConfig = CheckpointConfig()
+  teacher: TeacherConfig | None = None  # online distillation
+  distill: DistillConfig | None = None  # set for online (teacher) or offline (offline_paths) distillation
+  offline_paths: str = ""  # teacher top-k records written by `python -m gemma2_jax.teacher_logits`
+
+  @property
+  def distill_mode(self) -> str:
+    if self.distill is None:
+      return "ce"
+    return "offline" if self.offline_paths else "online"
 
   def to_json_dict(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self), default=list))
@@ -173,6 +194,24 @@ def from_config(config, *, num_devices: int, process_count: int = 1) -> Experime
     raise ConfigError(f"train.global_batch={train.global_batch} is not divisible by the "
                       f"{process_count} processes")
 
+  teacher = distill = None
+  offline_paths = ""
+  if c.get("distill"):
+    d = dict(c["distill"])
+    offline_paths = d.pop("offline_paths", "") or ""
+    distill = typed(DistillConfig, "distill", d)
+    teacher_cfg = c.get("teacher") or {}
+    if teacher_cfg.get("checkpoint"):
+      if offline_paths:
+        raise ConfigError("set either teacher.checkpoint (online) or distill.offline_paths (offline "
+                          "top-k records), not both")
+      teacher = typed(TeacherConfig, "teacher", teacher_cfg)
+    elif not offline_paths:
+      raise ConfigError("distill is set but there is no teacher: set teacher.checkpoint (online) or "
+                        "distill.offline_paths (records from python -m gemma2_jax.teacher_logits)")
+  elif c.get("teacher") and c["teacher"].get("checkpoint"):
+    teacher = typed(TeacherConfig, "teacher", c["teacher"])  # e.g. for teacher_logits
+
   data = c["data"]
   unknown = sorted(set(data) - {"tokenizer", "train", "eval"})
   if unknown:
@@ -188,7 +227,8 @@ def from_config(config, *, num_devices: int, process_count: int = 1) -> Experime
   data_eval = _data_config("data.eval", data.get("eval"), shape)
   return Experiment(model=model, mesh=mesh, rules=rules, optimizer=optimizer, train=train,
                     data_train=data_train, data_eval=data_eval, tokenizer=str(data["tokenizer"]),
-                    init_from=str(c.get("init_from") or ""), checkpoint=ckpt)
+                    init_from=str(c.get("init_from") or ""), checkpoint=ckpt, teacher=teacher,
+                    distill=distill, offline_paths=offline_paths)
 
 
 def base_config(model: ModelConfig, **train):
@@ -216,6 +256,20 @@ def base_config(model: ModelConfig, **train):
                                      type_safe=False)
   c.init_from = ""
   c.checkpoint = fields(CheckpointConfig)
+  return c
+
+
+def distill_config(student: ModelConfig, teacher_checkpoint: str = "", **train):
+  """base_config plus the teacher and distill sections (online when teacher_checkpoint is set)."""
+  import ml_collections
+
+  c = base_config(student, **train)
+  c.teacher = ml_collections.ConfigDict(
+    {f.name: f.default for f in dataclasses.fields(TeacherConfig)}, type_safe=False)
+  c.teacher.checkpoint = teacher_checkpoint
+  c.distill = ml_collections.ConfigDict(
+    {f.name: f.default for f in dataclasses.fields(DistillConfig)}, type_safe=False)
+  c.distill.offline_paths = ""
   return c
 
 

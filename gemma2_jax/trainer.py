@@ -22,13 +22,14 @@ from gemma2_jax import checkpoint, flops
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
 from gemma2_jax.data.pipeline import make_eval_iterator, make_train_iterator
 from gemma2_jax.experiment import Experiment
-from gemma2_jax.losses import cross_entropy_sums
-from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.losses import cross_entropy_sums, distill_schedule, distill_sums, topk_distill_sums
+from gemma2_jax.model.config import ModelConfig, get_preset
 from gemma2_jax.model.transformer import LOGICAL_AXES, forward_hidden, init_params, param_shapes
 from gemma2_jax.optim import global_norm, make_optimizer
 from gemma2_jax.sharding import activation_sharding, logical_to_sharding, logical_to_spec, make_mesh
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+TOPK_KEYS = ("topk_logprobs", "topk_ids")
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,48 +50,104 @@ def loss_sums(model_cfg: ModelConfig, params: dict, batch: dict, *, chunk: int, 
                             batch["targets"], batch["loss_mask"], chunk_size=chunk, z_loss=z_loss)
 
 
-def make_train_step(exp: Experiment, tx, schedule):
-  """(state, batch) -> (state, metrics); batch leaves are [global_batch, T]."""
-  model_cfg, tcfg = exp.model, exp.train
-  k = tcfg.grad_accum_steps
+def make_objective(exp: Experiment, teacher_cfg: ModelConfig | None = None):
+  """(params, batch, teacher_params, step) -> (scalar to differentiate, weighted sums).
 
-  def objective(params, micro_batch):
-    sums = loss_sums(model_cfg, params, micro_batch, chunk=tcfg.loss_chunk, z_loss=tcfg.z_loss)
-    return sums["nll"] + sums.get("z_loss", 0.0), sums
+  One function for the three modes: cross-entropy, online distillation (the frozen teacher's forward
+  runs here, under stop_gradient) and offline distillation from stored top-k teacher log-probs.
+  """
+  model_cfg, tcfg, mode = exp.model, exp.train, exp.distill_mode
 
-  def train_step(state: TrainState, batch: dict):
+  def objective(params, batch, teacher_params, step):
+    if mode == "ce":
+      sums = loss_sums(model_cfg, params, batch, chunk=tcfg.loss_chunk, z_loss=tcfg.z_loss)
+      return sums["nll"] + sums.get("z_loss", 0.0), sums
+    alpha, temperature = distill_schedule(exp.distill, step)
+    kw = dict(loss=exp.distill.loss, beta=exp.distill.beta, temperature=temperature, alpha=alpha,
+              chunk_size=tcfg.loss_chunk, z_loss=tcfg.z_loss)
+    hidden_BTD = forward_hidden(model_cfg, params, batch["tokens"], batch["positions"],
+                                batch["segment_ids"])
+    embedding_VD = params["embedder"]["input_embedding"]
+    if mode == "online":
+      teacher_params = jax.lax.stop_gradient(teacher_params)
+      teacher_hidden_BTD = forward_hidden(teacher_cfg, teacher_params, batch["tokens"],
+                                          batch["positions"], batch["segment_ids"])
+      sums = distill_sums(model_cfg, embedding_VD, hidden_BTD, teacher_cfg,
+                          teacher_params["embedder"]["input_embedding"], teacher_hidden_BTD,
+                          batch["targets"], batch["loss_mask"], **kw)
+    else:
+      sums = topk_distill_sums(model_cfg, embedding_VD, hidden_BTD, batch["topk_logprobs"],
+                               batch["topk_ids"], batch["targets"], batch["loss_mask"], **kw)
+    return sums["loss"] + sums.get("z_loss", 0.0), sums
+
+  return objective
+
+
+def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | None = None):
+  """(state, batch, teacher_params) -> (state, metrics); batch leaves are [global_batch, T, ...].
+
+  teacher_params is None except for online distillation; it is an argument (never optimizer state).
+  """
+  k = exp.train.grad_accum_steps
+  objective = make_objective(exp, teacher_cfg)
+
+  def train_step(state: TrainState, batch: dict, teacher_params=None):
     # Row j*k + i goes to micro-batch i, so every micro-batch is spread over all batch shards.
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
 
-    def accumulate(carry, micro_batch):
-      grads, sums = carry
-      (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch)
-      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+    def grads_and_sums(micro_batch):
+      (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch,
+                                                              teacher_params, state.step)
+      return g, s
 
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(objective, state.params,
-                                            jax.tree.map(lambda x: x[0], micro))[1])
-    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
+    def accumulate(carry, micro_batch):
+      return jax.tree.map(jnp.add, carry, grads_and_sums(micro_batch)), None
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grads_and_sums, jax.tree.map(lambda x: x[0], micro)))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)  # token-weighted mean over the whole batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                      opt_state=opt_state)
-    loss = sums["nll"] / weight
+    loss = sums.get("loss", sums["nll"]) / weight
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if tcfg.nonfinite == "skip":
+    if exp.train.nonfinite == "skip":
       new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
       new = new.replace(step=state.step + 1)
-    metrics = {"loss": loss, "accuracy": sums["correct"] / weight, "tokens": sums["weight"],
-               "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "finite": finite.astype(jnp.float32)}
-    if "z_loss" in sums:
-      metrics["z_loss"] = sums["z_loss"] / weight
+    metrics = {"loss": loss, "ce": sums["nll"] / weight, "accuracy": sums["correct"] / weight,
+               "tokens": sums["weight"], "grad_norm": grad_norm,
+               "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32)}
+    for key, name in (("kd", "kd"), ("teacher_nll", "teacher_ce"), ("kl", "kl_t1"),
+                      ("agree", "top1_agreement"), ("z_loss", "z_loss")):
+      if key in sums:
+        metrics[name] = sums[key] / weight
+    if exp.distill is not None:
+      metrics["alpha"], metrics["temperature"] = (
+        jnp.asarray(v, jnp.float32) for v in distill_schedule(exp.distill, state.step))
     return new, metrics
 
   return train_step
+
+
+def load_teacher(exp: Experiment, mesh) -> tuple[ModelConfig, dict]:
+  """The frozen teacher: config from its checkpoint, params placed directly in their shards."""
+  t = exp.teacher
+  preset = get_preset(t.preset) if t.preset else None
+  cfg, host = checkpoint.load_params(t.checkpoint, t.dtype, config=preset)
+  if cfg.vocab_size != exp.model.vocab_size:
+    raise checkpoint.CheckpointError(
+      f"teacher vocab_size {cfg.vocab_size} != student vocab_size {exp.model.vocab_size}: distillation "
+      "needs one tokenizer on both sides")
+  cfg = cfg.replace(dtype=t.dtype, attention_impl=exp.model.attention_impl,
+                    attention_block_size=exp.model.attention_block_size, remat="none",
+                    num_real_tokens=exp.model.num_real_tokens)
+  rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in (t.sharding_rules or exp.rules))
+  shardings = logical_to_sharding(LOGICAL_AXES, mesh, rules)
+  params = jax.tree.map(jax.device_put, host, shardings)
+  return cfg, params
 
 
 def make_eval_step(exp: Experiment):
@@ -195,10 +252,25 @@ class Trainer:
     data_kw = dict(process_index=pi, process_count=pc, tokenizer_path=exp.tokenizer,
                    vocab_size=exp.model.vocab_size, num_real_tokens=exp.model.num_real_tokens)
     self.data_kw = data_kw
-    self.train_iter = make_train_iterator(exp.data_train, **data_kw)
+    self.batch_keys = BATCH_KEYS
+    if exp.distill_mode == "offline":
+      from gemma2_jax.data.offline import make_offline_iterator
+      d = exp.data_train
+      self.train_iter = make_offline_iterator(exp.offline_paths, global_batch=d.global_batch,
+                                              seq_len=d.seq_len, seed=d.seed, shuffle=d.shuffle,
+                                              num_epochs=d.num_epochs, process_index=pi,
+                                              process_count=pc)
+      self.batch_keys = BATCH_KEYS + TOPK_KEYS
+    else:
+      self.train_iter = make_train_iterator(exp.data_train, **data_kw)
+    self.teacher_cfg = self.teacher_params = None
+    teacher_sharding = None
+    if exp.distill_mode == "online":
+      self.teacher_cfg, self.teacher_params = load_teacher(exp, self.mesh)
+      teacher_sharding = jax.tree.map(lambda x: x.sharding, self.teacher_params)
     with self._sharding_ctx():
-      self.train_step = jax.jit(make_train_step(exp, self.tx, self.schedule),
-                                in_shardings=(self.sh.state, self.sh.batch),
+      self.train_step = jax.jit(make_train_step(exp, self.tx, self.schedule, self.teacher_cfg),
+                                in_shardings=(self.sh.state, self.sh.batch, teacher_sharding),
                                 out_shardings=(self.sh.state, self.sh.replicated),
                                 donate_argnums=0)
       self.eval_step = jax.jit(make_eval_step(exp),
@@ -278,7 +350,7 @@ class Trainer:
             batch = next(self.train_iter)
             with self._sharding_ctx():
               state, metrics = self.train_step(
-                state, to_global({k: batch[k] for k in BATCH_KEYS}, self.sh))
+                state, to_global({k: batch[k] for k in self.batch_keys}, self.sh), self.teacher_params)
             if tcfg.profile_start >= 0 and step == tcfg.profile_start + tcfg.profile_steps - 1:
               jax.block_until_ready(state)
               jax.profiler.stop_trace()

@@ -73,8 +73,9 @@ def bench_hf(cfg: ModelConfig, B, T, steps):
   import torch
 
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  from tests.hf_utils import hf_config
   from transformers import Gemma2ForCausalLM
+
+  from tests.hf_utils import hf_config
   torch.manual_seed(0)
   model = Gemma2ForCausalLM(hf_config(cfg)).train()
   opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs the CPU demo: a tiny Gemma 2 pre-trained on the shipped Korean sample.
-# Re-running continues in the same workdir (a finished run just re-evaluates); pass a new workdir
-# as $1 to start over.
+# Sets up .venv and runs the CPU demo on the shipped Korean sample: pre-trains a tiny Gemma 2 teacher,
+# distills a tiny student from it, trains the same student with CE alone, and prints the comparison.
+# Re-running continues in the same workdirs (finished runs just re-evaluate); pass another parent
+# directory as $1 to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-workdir=${1:-runs/pretrain_tiny}
-.venv/bin/python -m gemma2_jax.train --config=configs/pretrain_tiny.py --workdir="$workdir"
+.venv/bin/python scripts/distill_demo.py --runs "${1:-runs}"

@@ -1,0 +1,187 @@
+"""`python -m gemma2_jax.teacher_logits --config=configs/<x>.py --output_dir=DIR [--topk=128]
+[--max_rows=N] [--config.a.b=v ...]`
+
+Runs the config's teacher (section `teacher`: checkpoint, dtype, preset) once over one epoch of the
+packed rows of `data.train` in order (no shuffle; the last partial batch included) and writes, per
+row, the teacher's top-k log-probs and ids of every position, with the row itself, as ArrayRecord
+shards + meta.json (layout and sizes: gemma2_jax/data/offline.py). Train on them with
+`--config.distill.offline_paths=DIR`; the trainer shuffles the rows.
+
+Logits are built per sequence chunk of `train.loss_chunk` tokens and reduced to top-k at once, so a
+[B, T, V] logits tensor never exists. Single process: multi-host runs are not supported yet (run one
+host per data shard). A non-empty output_dir is refused; bad input is one `error: ...` line, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+from gemma2_jax.cli import ArgumentParser
+
+
+def parse_args(argv):
+  parser = ArgumentParser(prog="python -m gemma2_jax.teacher_logits", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="experiment config file (configs/*.py)")
+  parser.add_argument("--output_dir", required=True, help="new or empty directory for the records")
+  parser.add_argument("--topk", type=int, default=128, help="teacher tokens kept per position")
+  parser.add_argument("--max_rows", type=int, default=None, help="stop after this many packed rows")
+  parser.add_argument("--batch_size", type=int, default=None,
+                      help="rows per teacher forward (default train.global_batch)")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  args, rest = parser.parse_known_args(argv)
+  overrides = {}
+  for item in rest:
+    if not item.startswith("--config.") or "=" not in item:
+      parser.error(f"unexpected argument {item!r}; overrides look like --config.train.seq_len=2048")
+    key, value = item[len("--config."):].split("=", 1)
+    overrides[key] = value
+  if args.topk < 1:
+    parser.error(f"--topk must be >= 1, got {args.topk}")
+  if args.max_rows is not None and args.max_rows < 1:
+    parser.error(f"--max_rows must be >= 1, got {args.max_rows}")
+  if args.batch_size is not None and args.batch_size < 1:
+    parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+  return args, overrides
+
+
+def make_topk_fn(cfg, k: int, chunk: int):
+  """(params, tokens, positions, segment_ids [B, T]) -> (log-probs float32, ids int32) [B, T, k].
+
+  The teacher's logits exist one [B, chunk, V] chunk at a time (lax.map over T chunks).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from gemma2_jax.model.transformer import forward_hidden, logits_from_hidden
+
+  def fn(params, tokens_BT, positions_BT, segment_ids_BT):
+    hidden_BTD = forward_hidden(cfg, params, tokens_BT, positions_BT, segment_ids_BT)
+    B, T, D = hidden_BTD.shape
+    c = min(chunk, T)
+    n = -(-T // c)
+    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, n * c - T), (0, 0)))
+    hidden_nBcD = jnp.moveaxis(hidden_BTD.reshape(B, n, c, D), 1, 0)
+    embedding_VD = params["embedder"]["input_embedding"]
+
+    def one(hidden_BcD):
+      logp_BcV = jax.nn.log_softmax(logits_from_hidden(cfg, embedding_VD, hidden_BcD), axis=-1)
+      return jax.lax.top_k(logp_BcV.astype(jnp.float32), k)
+
+    logp_nBck, ids_nBck = jax.lax.map(one, hidden_nBcD)
+    def back(x):
+      return jnp.moveaxis(x, 0, 1).reshape(B, n * c, k)[:, :T]
+    return back(logp_nBck), back(ids_nBck).astype(jnp.int32)
+
+  return fn
+
+
+def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size: int | None = None,
+        progress: bool = True) -> dict:
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding
+
+  from gemma2_jax.data.offline import TopKWriter, packed_rows
+  from gemma2_jax.sharding import activation_sharding, logical_to_spec, make_mesh
+  from gemma2_jax.trainer import load_teacher
+
+  mesh = make_mesh(exp.mesh)
+  teacher_cfg, params = load_teacher(exp, mesh)
+  if k > teacher_cfg.vocab_size:
+    raise ValueError(f"--topk {k} exceeds the teacher's vocab_size {teacher_cfg.vocab_size}")
+  data = exp.data_train
+  T = data.seq_len
+  rows, tok = packed_rows(data, exp.tokenizer, vocab_size=teacher_cfg.vocab_size,
+                          num_real_tokens=teacher_cfg.num_real_tokens)
+  B = batch_size or data.global_batch
+  batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
+  axes = batch_sharding.spec[0] if batch_sharding.spec else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  n_shards = math.prod(mesh.shape[a] for a in axes)
+  if B % n_shards:
+    raise ValueError(f"batch of {B} rows is not divisible by the {n_shards} batch shards of the mesh")
+  with activation_sharding(mesh, exp.rules):
+    topk = jax.jit(make_topk_fn(teacher_cfg, k, exp.train.loss_chunk))
+  writer = TopKWriter(output_dir, k=k, seq_len=T, vocab_size=teacher_cfg.vocab_size,
+                      piece_bytes=tok.piece_bytes(), tokenizer=exp.tokenizer,
+                      tokenizer_sha256=tok.sha256,
+                      extra_meta=dict(teacher=exp.teacher.checkpoint, teacher_dtype=exp.teacher.dtype,
+                                      data_sources=[s.label for s in data.sources]))
+  bar = None
+  if progress:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="teacher top-k", unit="row", total=max_rows, dynamic_ncols=True)
+  it = iter(rows.batch(B, drop_remainder=False))
+  with writer:
+    while max_rows is None or writer.rows < max_rows:
+      batch = next(it, None)
+      if batch is None:
+        break
+      full, seg, pos = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
+      n = len(full)
+      if n < B:  # the last partial batch: pad with empty rows so the compiled shape is reused
+        pad = ((0, B - n), (0, 0))
+        full, seg, pos = (np.pad(a, pad) for a in (full, seg, pos))
+      with activation_sharding(mesh, exp.rules):
+        logp, ids = topk(params, *(jax.device_put(np.ascontiguousarray(a[:, :-1], np.int32),
+                                                  batch_sharding) for a in (full, pos, seg)))
+      logp, ids = np.asarray(logp), np.asarray(ids)
+      if max_rows is not None:
+        n = min(n, max_rows - writer.rows)
+      for i in range(n):
+        writer.write(full[i], seg[i], pos[i], logp[i], ids[i])
+      if bar is not None:
+        bar.update(n)
+  if bar is not None:
+    bar.close()
+  return writer.meta
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  out = args.output_dir
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    print(f"error: output_dir {out} exists and is not an empty directory; nothing was written",
+          file=sys.stderr)
+    return 1
+  import jax
+
+  from gemma2_jax.checkpoint import CheckpointError
+  from gemma2_jax.data import DataError
+  from gemma2_jax.experiment import ConfigError, apply_overrides, from_config, load_config_file
+
+  created = not os.path.exists(out)
+  try:
+    config = apply_overrides(load_config_file(args.config), overrides)
+    exp = from_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    if exp.teacher is None or not exp.teacher.checkpoint:
+      raise ConfigError("teacher.checkpoint is not set: give the teacher's HF / Kaggle / native "
+                        "checkpoint (--config.teacher.checkpoint=/path)")
+    if not os.path.exists(exp.teacher.checkpoint):
+      raise CheckpointError(f"teacher checkpoint {exp.teacher.checkpoint} does not exist")
+    if jax.process_count() > 1:
+      raise ConfigError("teacher_logits runs in a single process")
+    meta = run(exp, out, k=args.topk, max_rows=args.max_rows, batch_size=args.batch_size,
+               progress=not args.no_progress)
+  except (ConfigError, DataError, CheckpointError, ValueError) as e:
+    if created and os.path.isdir(out) and not os.path.exists(os.path.join(out, "meta.json")):
+      import shutil
+
+      shutil.rmtree(out)  # only what this run created
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
+  q = meta["quantization"]
+  print(f"done: {meta['rows']} rows, {meta['tokens']} tokens, k={meta['k']}, "
+        f"{meta['record_bytes_per_token']:.1f} bytes/token ({meta['bytes_per_token']:.1f} with the "
+        f"files' fixed overhead), max |dequant - logprob| = {q['max_abs_error']:.2g}; "
+        f"output_dir={out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
