@@ -115,16 +115,20 @@ def main():
   p.add_argument("--dtype", default="float32", help="compute dtype (params stay fp32)")
   p.add_argument("--attention", default="xla", choices=("xla", "blockwise"))
   p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
+  p.add_argument("--scan_layers", type=int, default=0,
+                  help="1 = scan over layer pairs (our default for accelerators); 0 = unrolled, which "
+                       "XLA:CPU runs faster")
   p.add_argument("--only_ours", action="store_true", help="skip the PyTorch reference")
   p.add_argument("--matmul_n", type=int, default=2048)
   a = p.parse_args()
   cfg = ModelConfig(vocab_size=a.vocab, num_layers=a.layers, d_model=a.d_model, num_heads=a.heads,
                     num_kv_heads=a.kv_heads, head_dim=a.head_dim, ffn_dim=a.ffn,
                     query_pre_attn_scalar=a.head_dim, sliding_window=a.window, dtype=a.dtype,
-                    attention_impl=a.attention, remat=a.remat)
+                    attention_impl=a.attention, remat=a.remat, scan_layers=bool(a.scan_layers))
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; config: d={a.d_model} "
         f"L={a.layers} heads={a.heads}/{a.kv_heads}x{a.head_dim} ffn={a.ffn} V={a.vocab} "
-        f"B={a.batch} T={a.seq} compute={a.dtype} params={cfg.num_params() / 1e6:.1f}M")
+        f"B={a.batch} T={a.seq} compute={a.dtype} scan_layers={bool(a.scan_layers)} "
+        f"params={cfg.num_params() / 1e6:.1f}M")
   ours, ours_loss = bench_ours(cfg, a.batch, a.seq, a.steps, a.chunk)
   peak = matmul_peak(jnp.dtype(a.dtype), a.matmul_n) * jax.device_count()
   achieved = ours * train_flops_per_token(cfg, a.seq)

@@ -113,6 +113,13 @@ def test_layers_are_scanned_so_program_size_is_depth_independent():
   assert n_eqns(4) == n_eqns(12)
 
 
+def test_unrolled_layers_equal_scanned(tiny_model):
+  cfg = tiny_model.config
+  tokens = _tokens(cfg)
+  unrolled = Transformer.from_params(cfg.replace(scan_layers=False), tiny_model.params())
+  np.testing.assert_allclose(unrolled(tokens), tiny_model(tokens), atol=1e-5)
+
+
 def test_padded_vocab_rows_get_zero_probability():
   cfg = tiny(vocab_size=64, num_real_tokens=50)
   model = Transformer.from_params(cfg, random_params(cfg))

@@ -41,6 +41,9 @@ class ModelConfig:
   attention_impl: AttentionImpl = "xla"
   attention_block_size: int = 512
   remat: Remat = "none"
+  # Scan over layer pairs (compile time independent of depth). False unrolls them: slower to compile,
+  # but XLA:CPU runs the unrolled backward ~1.5x faster (benchmarks, small CPU runs).
+  scan_layers: bool = True
 
   def __post_init__(self):
     checks = [

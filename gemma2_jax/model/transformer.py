@@ -124,7 +124,8 @@ def _block(cfg: ModelConfig, p: dict, x_BTD, positions_BT, segment_ids_BT, *,
   h_BTD = rms_norm(x_BTD, p["pre_attention_norm"]["scale"], cfg.rms_eps)
   a = p["attn"]
   q_BTNH = jnp.einsum("BTD,NDH->BTNH", h_BTD, a["q_einsum"])
-  k_BSKH, v_BSKH = jnp.einsum("BSD,CKDH->CBSKH", h_BTD, a["kv_einsum"])
+  kv_BSCKH = jnp.einsum("BSD,CKDH->BSCKH", h_BTD, a["kv_einsum"])
+  k_BSKH, v_BSKH = kv_BSCKH[:, :, 0], kv_BSCKH[:, :, 1]
   q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale,
                                                                           q_BTNH.dtype)
   k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_base)
@@ -159,7 +160,7 @@ def _decoder(cfg: ModelConfig, layers: dict, x_BTD, positions_BT, segment_ids_BT
     pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
   P = cfg.num_layers // 2
   pairs = jax.tree.map(lambda w: w.reshape(P, 2, *w.shape[1:]), layers)
-  x_BTD, _ = jax.lax.scan(pair, x_BTD, pairs)
+  x_BTD, _ = jax.lax.scan(pair, x_BTD, pairs, unroll=1 if cfg.scan_layers else P)
   return x_BTD
 
 
