@@ -223,3 +223,27 @@ def test_cli_bad_input(setup, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0], err
   assert not fresh.exists()
+
+
+def test_trainer_learns_from_offline_records(setup, tmp_path):
+  """The trainer reads the records (shuffled) and minimizes the top-k + tail divergence."""
+  import dataclasses
+
+  from gemma2_jax.losses import DistillConfig
+  from gemma2_jax.trainer import Trainer
+
+  exp = setup["exp"]
+  exp = dataclasses.replace(
+    exp, teacher=None,
+    distill=DistillConfig(loss="forward_kl"), offline_paths=str(setup["out"]), data_eval=None,
+    model=exp.model.replace(num_layers=2, d_model=32, head_dim=8, ffn_dim=64, query_pre_attn_scalar=8),
+    train=dataclasses.replace(exp.train, steps=4, log_every=1, progress_bar=False),
+    checkpoint=dataclasses.replace(exp.checkpoint, export_hf=False))
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": jax.device_count() // 2,
+                                       "tensor": 2})
+  summary = Trainer(exp, tmp_path).run()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in rows)
+  assert rows[-1]["kd"] < rows[0]["kd"]
+  assert {"kl_t1", "top1_agreement", "teacher_ce"} <= set(summary)
