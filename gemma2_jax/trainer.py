@@ -20,7 +20,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma2_jax import checkpoint, flops
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
-from gemma2_jax.data.pipeline import make_eval_iterator, make_train_iterator
 from gemma2_jax.experiment import Experiment
 from gemma2_jax.losses import cross_entropy_sums, distill_schedule, distill_sums, topk_distill_sums
 from gemma2_jax.model.config import ModelConfig, get_preset
@@ -262,6 +261,7 @@ class Trainer:
                                               process_count=pc)
       self.batch_keys = BATCH_KEYS + TOPK_KEYS
     else:
+      from gemma2_jax.data.pipeline import make_train_iterator
       self.train_iter = make_train_iterator(exp.data_train, **data_kw)
     self.teacher_cfg = self.teacher_params = None
     teacher_sharding = None
@@ -283,6 +283,8 @@ class Trainer:
     return activation_sharding(self.mesh, self.exp.rules)
 
   def evaluate(self, params) -> dict:
+    from gemma2_jax.data.pipeline import make_eval_iterator
+
     it = make_eval_iterator(self.exp.data_eval, num_batches=self.exp.train.eval_batches,
                             **self.data_kw)
     totals = None

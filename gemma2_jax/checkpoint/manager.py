@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
@@ -67,6 +66,8 @@ class TrainCheckpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator, config: dict, *, force: bool = False):
+    import grain.checkpoint
+
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator)),
@@ -79,6 +80,8 @@ class TrainCheckpointer:
 
   def restore(self, step: int, abstract_state, data_iterator) -> Any:
     """Restores the state onto the shardings carried by `abstract_state` (any mesh)."""
+    import grain.checkpoint
+
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if self.cfg.restore_data:
       saved = self.saved_process_count(step)
