@@ -138,3 +138,15 @@ def test_workdir_of_another_model_is_refused_untouched(reference, tmp_path):
   assert r.stderr.strip().splitlines() == [r.stderr.strip()]
   assert "different model (model.d_model: 32 there, 48 now)" in r.stderr
   assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_workdir_is_a_weights_source_for_export_and_init_from(reference, tmp_path):
+  """`convert --src WORKDIR` exports the newest checkpoint's params (export on demand)."""
+  workdir, _, ref_state = reference
+  r = subprocess.run([sys.executable, "-m", "gemma2_jax.convert", f"--src={workdir}",
+                      f"--dst={tmp_path / 'hf'}", "--to=hf"], cwd=ROOT, capture_output=True,
+                     text=True, env=_env(), timeout=300)
+  assert r.returncode == 0, r.stderr
+  from gemma2_jax.checkpoint import load_params
+  _, exported = load_params(tmp_path / "hf")
+  assert_same_state(exported, ref_state["params"])

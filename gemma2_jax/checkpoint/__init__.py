@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma2_jax.checkpoint import hf, kaggle, native
+from gemma2_jax.checkpoint import hf, kaggle, native, workdir
 from gemma2_jax.checkpoint.errors import CheckpointError
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import Transformer
 
 FORMATS = ("hf", "native", "kaggle")
-_MODULES = {"hf": hf, "native": native, "kaggle": kaggle}
+_MODULES = {"hf": hf, "native": native, "kaggle": kaggle, "workdir": workdir}  # workdir: read only
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -29,12 +29,15 @@ def detect_format(path: str | os.PathLike) -> str:
                           "native checkpoint directory)")
   if native.is_native_dir(path):
     return "native"
+  if workdir.is_workdir(path):
+    return "workdir"
   if hf.is_hf_dir(path):
     return "hf"
   if kaggle.is_orbax_dir(path):
     return "kaggle"
   raise CheckpointError(f"{path} is not a recognised checkpoint: expected config.json + "
-                        "*.safetensors (HF), an Orbax tree (Kaggle), or gemma2_jax.json (native)")
+                        "*.safetensors (HF), an Orbax tree (Kaggle), gemma2_jax.json (native) or a "
+                        "training workdir")
 
 
 def stored_dtype(path: str | os.PathLike) -> np.dtype:

@@ -26,14 +26,18 @@ def metadata(path: Path) -> dict:
   return getattr(tree, "tree", tree)
 
 
-def restore(path: Path, tree: dict, dtype=None) -> dict:
-  """Restores every leaf of `tree` (from `metadata`) as a host numpy array (cast to `dtype`)."""
+def restore(path: Path, tree: dict, dtype=None, *, partial: bool = False) -> dict:
+  """Restores every leaf of `tree` (from `metadata`) as a host numpy array (cast to `dtype`).
+
+  With `partial`, `tree` may be a subset of the stored tree (e.g. only the params of a train state).
+  """
   dtype = None if dtype is None else np.dtype(dtype)
   restore_args = jax.tree.map(
     lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), tree)
+  args = (ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True) if partial
+          else ocp.args.PyTreeRestore(restore_args=restore_args))
   try:
-    return ocp.PyTreeCheckpointer().restore(
-      path.absolute(), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return ocp.PyTreeCheckpointer().restore(path.absolute(), args=args)
   except Exception as e:  # e.g. a chunk file missing or cut short
     raise CheckpointError(f"{path}: failed to read the Orbax checkpoint ({_one_line(e)})") from None
 

@@ -7,7 +7,6 @@ them per DataConfig). `meta.json` beside the shards records the tokenizer hash a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing as mp
@@ -18,6 +17,7 @@ import time
 
 import numpy as np
 
+from gemma2_jax.cli import ArgumentParser
 from gemma2_jax.data.config import SourceConfig
 from gemma2_jax.data.sources import STATS, DataError, open_source
 
@@ -161,7 +161,7 @@ def _dump_text(source: SourceConfig, path: str, max_docs: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m gemma2_jax.prepare_data", description=__doc__)
+  p = ArgumentParser(prog="python -m gemma2_jax.prepare_data", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
   for cmd in ("tokenize", "train-tokenizer"):
     s = sub.add_parser(cmd)
