@@ -10,7 +10,7 @@ for a TPU v5p-128 class slice. Expect the student's eval loss to stay below a CE
 tokens throughout (the gap the Gemma 2 report attributes to distillation).
 """
 
-from gemma2_jax.experiment import distill_config
+from gemma2_jax.experiment import distill_config, set_corpus
 from gemma2_jax.model.config import gemma2_2b
 
 
@@ -24,7 +24,6 @@ def get_config():
   c.optimizer.learning_rate = 3e-4
   c.optimizer.end_learning_rate = 3e-5
   c.optimizer.warmup_steps = 2000
-  c.data.tokenizer = "/ckpt/gemma-2-27b/tokenizer.model"
-  c.data.train.paths = "gs://BUCKET/corpus/*.jsonl"
-  c.data.train.format = "jsonl"
+  set_corpus(c, tokenizer="/ckpt/gemma-2-27b/tokenizer.model", train="gs://BUCKET/corpus/*.jsonl",
+             fmt="jsonl")
   return c

@@ -16,7 +16,7 @@ For offline distillation, write the teacher's top-k once with `python -m gemma2_
 and set --config.distill.offline_paths=DIR --config.teacher.checkpoint=''.
 """
 
-from gemma2_jax.experiment import distill_config
+from gemma2_jax.experiment import distill_config, set_corpus
 from gemma2_jax.model.config import gemma2_9b
 
 
@@ -31,7 +31,6 @@ def get_config():
   c.optimizer.learning_rate = 2e-4
   c.optimizer.end_learning_rate = 2e-5
   c.optimizer.warmup_steps = 2000
-  c.data.tokenizer = "/ckpt/gemma-2-27b/tokenizer.model"
-  c.data.train.paths = "gs://BUCKET/corpus/*.jsonl"
-  c.data.train.format = "jsonl"
+  set_corpus(c, tokenizer="/ckpt/gemma-2-27b/tokenizer.model", train="gs://BUCKET/corpus/*.jsonl",
+             fmt="jsonl")
   return c

@@ -9,13 +9,20 @@ or two on 2 CPU cores. scripts/distill_demo.py runs both plus the same student w
 prints the comparison: the distilled student reaches a lower eval loss at the same step.
 """
 
+import importlib.util
 from pathlib import Path
 
 from gemma2_jax.experiment import distill_config
 from gemma2_jax.model.config import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
+
+
+def _teacher_run_config():
+  spec = importlib.util.spec_from_file_location("pretrain_tiny", ROOT / "configs" / "pretrain_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def get_config():
@@ -30,10 +37,5 @@ def get_config():
   c.optimizer.end_learning_rate = 3e-4
   c.optimizer.warmup_steps = 15
   c.optimizer.weight_decay = 0.01
-  c.data.tokenizer = str(DATA / "ko_sp1024.model")
-  train_files = sorted(str(p) for p in (DATA / "ko").glob("*.txt") if p.name != "1809899.txt")
-  c.data.train.paths = ",".join(train_files)
-  c.data.train.format = "text"
-  c.data.eval = dict(c.data.train)
-  c.data.eval.paths = str(DATA / "ko" / "1809899.txt")
+  c.data = _teacher_run_config().data  # the teacher's corpus, tokenizer and held-out bill
   return c

@@ -8,7 +8,7 @@ Sized for a TPU v5p-256 class slice: FSDP x 4-way tensor parallelism, bf16 compu
 gradient accumulation over 2 micro-batches.
 """
 
-from gemma2_jax.experiment import base_config
+from gemma2_jax.experiment import base_config, set_corpus
 from gemma2_jax.model.config import gemma2_27b
 
 
@@ -21,7 +21,5 @@ def get_config():
   c.optimizer.learning_rate = 1.5e-4
   c.optimizer.end_learning_rate = 1.5e-5
   c.optimizer.warmup_steps = 2000
-  c.data.tokenizer = "/ckpt/gemma/tokenizer.model"
-  c.data.train.paths = "gs://BUCKET/corpus/*.jsonl"
-  c.data.train.format = "jsonl"
+  set_corpus(c, tokenizer="/ckpt/gemma/tokenizer.model", train="gs://BUCKET/corpus/*.jsonl", fmt="jsonl")
   return c

@@ -9,7 +9,7 @@ bf16 compute, blockwise attention (local layers cost O(T*W)), dot-saving remat. 
 fall below ~3 within the first few thousand steps on web text.
 """
 
-from gemma2_jax.experiment import base_config
+from gemma2_jax.experiment import base_config, set_corpus
 from gemma2_jax.model.config import gemma2_2b
 
 
@@ -21,7 +21,5 @@ def get_config():
   c.optimizer.learning_rate = 3e-4
   c.optimizer.end_learning_rate = 3e-5
   c.optimizer.warmup_steps = 2000
-  c.data.tokenizer = "/ckpt/gemma/tokenizer.model"
-  c.data.train.paths = "gs://BUCKET/corpus/*.jsonl"
-  c.data.train.format = "jsonl"
+  set_corpus(c, tokenizer="/ckpt/gemma/tokenizer.model", train="gs://BUCKET/corpus/*.jsonl", fmt="jsonl")
   return c

@@ -8,7 +8,7 @@ Sized for a TPU v5p-128 class slice: FSDP over all chips, bf16 compute, blockwis
 everything but the matmuls. Expect the loss curve of the 2B config shifted down by ~0.3 nats.
 """
 
-from gemma2_jax.experiment import base_config
+from gemma2_jax.experiment import base_config, set_corpus
 from gemma2_jax.model.config import gemma2_9b
 
 
@@ -20,7 +20,5 @@ def get_config():
   c.optimizer.learning_rate = 2e-4
   c.optimizer.end_learning_rate = 2e-5
   c.optimizer.warmup_steps = 2000
-  c.data.tokenizer = "/ckpt/gemma/tokenizer.model"
-  c.data.train.paths = "gs://BUCKET/corpus/*.jsonl"
-  c.data.train.format = "jsonl"
+  set_corpus(c, tokenizer="/ckpt/gemma/tokenizer.model", train="gs://BUCKET/corpus/*.jsonl", fmt="jsonl")
   return c

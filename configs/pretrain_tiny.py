@@ -8,7 +8,7 @@ to about 3, and eval bits per byte on the held-out bill ends near 1.5.
 
 from pathlib import Path
 
-from gemma2_jax.experiment import base_config
+from gemma2_jax.experiment import base_config, set_corpus
 from gemma2_jax.model.config import tiny
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -23,10 +23,7 @@ def get_config():
   c.optimizer.end_learning_rate = 3e-4
   c.optimizer.warmup_steps = 20
   c.optimizer.weight_decay = 0.01
-  c.data.tokenizer = str(DATA / "ko_sp1024.model")
   train_files = sorted(str(p) for p in (DATA / "ko").glob("*.txt") if p.name != "1809899.txt")
-  c.data.train.paths = ",".join(train_files)
-  c.data.train.format = "text"
-  c.data.eval = dict(c.data.train)
-  c.data.eval.paths = str(DATA / "ko" / "1809899.txt")
+  set_corpus(c, tokenizer=str(DATA / "ko_sp1024.model"), train=",".join(train_files), fmt="text",
+             eval=str(DATA / "ko" / "1809899.txt"))  # one bill held out
   return c

@@ -259,6 +259,17 @@ def base_config(model: ModelConfig, **train):
   return c
 
 
+def set_corpus(c, *, tokenizer: str, train: str, fmt: str = "auto", eval: str = ""):
+  """Points a config's data section at one train corpus (comma-separated globs) and an optional
+  held-out eval corpus of the same format."""
+  c.data.tokenizer = tokenizer
+  c.data.train.paths = train
+  c.data.train.format = fmt
+  if eval:
+    c.data.eval = dict(c.data.train)
+    c.data.eval.paths = eval
+
+
 def distill_config(student: ModelConfig, teacher_checkpoint: str = "", **train):
   """base_config plus the teacher and distill sections (online when teacher_checkpoint is set)."""
   import ml_collections

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-from gemma2_jax.cli import ArgumentParser
+from gemma2_jax.cli import ArgumentParser, parse_with_overrides
 
 
 def parse_args(argv):
@@ -32,13 +32,7 @@ def parse_args(argv):
   parser.add_argument("--batch_size", type=int, default=None,
                       help="rows per teacher forward (default train.global_batch)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-  args, rest = parser.parse_known_args(argv)
-  overrides = {}
-  for item in rest:
-    if not item.startswith("--config.") or "=" not in item:
-      parser.error(f"unexpected argument {item!r}; overrides look like --config.train.seq_len=2048")
-    key, value = item[len("--config."):].split("=", 1)
-    overrides[key] = value
+  args, overrides = parse_with_overrides(parser, argv)
   if args.topk < 1:
     parser.error(f"--topk must be >= 1, got {args.topk}")
   if args.max_rows is not None and args.max_rows < 1:

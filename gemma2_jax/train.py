@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from gemma2_jax.cli import ArgumentParser
+from gemma2_jax.cli import ArgumentParser, parse_with_overrides
 
 
 def parse_args(argv):
@@ -24,13 +24,7 @@ def parse_args(argv):
   parser.add_argument("--coordinator_address", default=None)
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
-  args, rest = parser.parse_known_args(argv)
-  overrides = {}
-  for item in rest:
-    if not item.startswith("--config.") or "=" not in item:
-      parser.error(f"unexpected argument {item!r}; overrides look like --config.train.steps=100")
-    key, value = item[len("--config."):].split("=", 1)
-    overrides[key] = value
+  args, overrides = parse_with_overrides(parser, argv)
   return args, overrides
 
 

@@ -47,6 +47,7 @@ import grain
 import grain.python as gp
 import numpy as np
 
+from gemma2_jax.data.pipeline import model_batch  # same derivation: decoded rows match exactly
 from gemma2_jax.data.sources import DataError
 
 FORMAT = "gemma2_jax.teacher_topk"
@@ -179,22 +180,9 @@ def decode_records(codec: _Codec, piece_bytes: np.ndarray, records: Sequence[byt
   seg = np.stack([r["seg"] for r in rows])
   pos = np.stack([r["pos"] for r in rows])
   logp, ids = codec.unpack(np.stack([r["words"] for r in rows]))
-  return _model_batch(full, seg, pos, piece_bytes) | {"topk_logprobs": logp, "topk_ids": ids}
+  return model_batch(full, seg, pos, piece_bytes) | {"topk_logprobs": logp, "topk_ids": ids}
 
 
-def _model_batch(full, seg, pos, piece_bytes) -> dict[str, np.ndarray]:
-  """Exactly pipeline._ToModelBatch: rows of T + 1 -> inputs, next-token targets, mask, bytes."""
-  targets = full[:, 1:]
-  mask = (seg[:, :-1] != 0) & (seg[:, 1:] == seg[:, :-1])
-  nbytes = np.take(piece_bytes, np.minimum(targets, len(piece_bytes) - 1))
-  return {
-      "tokens": np.ascontiguousarray(full[:, :-1], np.int32),
-      "targets": np.ascontiguousarray(targets, np.int32),
-      "positions": np.ascontiguousarray(pos[:, :-1], np.int32),
-      "segment_ids": np.ascontiguousarray(seg[:, :-1], np.int32),
-      "loss_mask": mask.astype(np.float32),
-      "target_bytes": np.where(mask, nbytes, 0).astype(np.int32),
-  }
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -160,20 +160,23 @@ class _ToModelBatch(grain.transforms.Map):
     self._piece_bytes = piece_bytes
 
   def map(self, rows):
-    full = rows["tokens"]  # [B, T+1]
-    seg = rows["tokens_segment_ids"]
-    pos = rows["tokens_positions"]
-    targets = full[:, 1:]
-    mask = (seg[:, :-1] != 0) & (seg[:, 1:] == seg[:, :-1])
-    nbytes = np.take(self._piece_bytes, np.minimum(targets, len(self._piece_bytes) - 1))
-    return {
-        "tokens": np.ascontiguousarray(full[:, :-1], np.int32),
-        "targets": np.ascontiguousarray(targets, np.int32),
-        "positions": np.ascontiguousarray(pos[:, :-1], np.int32),
-        "segment_ids": np.ascontiguousarray(seg[:, :-1], np.int32),
-        "loss_mask": mask.astype(np.float32),
-        "target_bytes": np.where(mask, nbytes, 0).astype(np.int32),
-    }
+    return model_batch(rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"],
+                       self._piece_bytes)
+
+
+def model_batch(full, seg, pos, piece_bytes) -> dict[str, np.ndarray]:
+  """Packed rows of T + 1 tokens (with segment ids, positions) -> the documented [B, T] batch."""
+  targets = full[:, 1:]
+  mask = (seg[:, :-1] != 0) & (seg[:, 1:] == seg[:, :-1])
+  nbytes = np.take(piece_bytes, np.minimum(targets, len(piece_bytes) - 1))
+  return {
+      "tokens": np.ascontiguousarray(full[:, :-1], np.int32),
+      "targets": np.ascontiguousarray(targets, np.int32),
+      "positions": np.ascontiguousarray(pos[:, :-1], np.int32),
+      "segment_ids": np.ascontiguousarray(seg[:, :-1], np.int32),
+      "loss_mask": mask.astype(np.float32),
+      "target_bytes": np.where(mask, nbytes, 0).astype(np.int32),
+  }
 
 
 def _check_prepared(src, tok: Tokenizer, label: str) -> None:
