@@ -10,20 +10,31 @@ Gemma 2 9B student (D = 3584) and 27B teacher (D = 4608) at V = 256128, B = 1.
 models, log_softmax of both, softmax of the teacher, the same divergence and CE mix.
 
   .venv/bin/python scripts/bench_distill_memory.py [--seq-lens 2048 4096 8192] [--chunk 256]
-      [--loss jsd] [--vocab 256128] [--no-naive]
+      [--loss jsd] [--vocab 256128] [--no-naive] [--fsdp 8]
+
+With --fsdp N the program is compiled SPMD for N (fake CPU) devices the way the trainer shards it:
+one sequence per device, embeddings FSDP-sharded over d_model; the figures are then per device.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+if "--fsdp" in sys.argv:  # the fake devices must exist before JAX initialises
+  n = sys.argv[sys.argv.index("--fsdp") + 1]
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
 
-from gemma2_jax import losses
-from gemma2_jax.model.config import gemma2_9b, gemma2_27b
-from gemma2_jax.model.transformer import logits_from_hidden
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from gemma2_jax import losses  # noqa: E402
+from gemma2_jax.model.config import gemma2_9b, gemma2_27b  # noqa: E402
+from gemma2_jax.model.transformer import logits_from_hidden  # noqa: E402
+from gemma2_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh  # noqa: E402
 
 GiB = 2**30
 
@@ -49,16 +60,22 @@ def naive(scfg, tcfg, args, *, loss, chunk):
   return jnp.sum(w * (0.5 * kd + 0.5 * nll)) / jnp.sum(w)
 
 
-def analyse(fn, scfg, tcfg, T, *, loss, chunk):
+def analyse(fn, scfg, tcfg, T, *, loss, chunk, fsdp=1):
   S = jax.ShapeDtypeStruct
-  V = scfg.vocab_size
-  abstract = (S((1, T, scfg.d_model), jnp.bfloat16), S((V, scfg.d_model), jnp.float32),
-              S((1, T, tcfg.d_model), jnp.bfloat16), S((V, tcfg.d_model), jnp.bfloat16),
-              S((1, T), jnp.int32), S((1, T), jnp.float32))
+  V, B = scfg.vocab_size, fsdp  # one sequence per device
+  mesh = make_mesh({"fsdp": fsdp}, jax.devices()[:fsdp])
+  spec = lambda *axes: NamedSharding(mesh, logical_to_spec(axes, DEFAULT_RULES))
+  rows, table = spec("batch", "length", None), spec("vocab", "embed")
+  abstract = (S((B, T, scfg.d_model), jnp.bfloat16, sharding=rows),
+              S((V, scfg.d_model), jnp.float32, sharding=table),
+              S((B, T, tcfg.d_model), jnp.bfloat16, sharding=rows),
+              S((V, tcfg.d_model), jnp.bfloat16, sharding=table),
+              S((B, T), jnp.int32, sharding=spec("batch", "length")),
+              S((B, T), jnp.float32, sharding=spec("batch", "length")))
   grad = jax.grad(lambda h, e, *rest: fn(scfg, tcfg, (h, e, *rest), loss=loss, chunk=chunk),
                   argnums=(0, 1))
   t0 = time.perf_counter()
-  m = jax.jit(grad).lower(*abstract).compile().memory_analysis()
+  m = jax.jit(grad, out_shardings=(rows, table)).lower(*abstract).compile().memory_analysis()
   return m.temp_size_in_bytes, time.perf_counter() - t0
 
 
@@ -69,17 +86,20 @@ def main():
   ap.add_argument("--loss", default="jsd", choices=losses.DISTILL_LOSSES)
   ap.add_argument("--vocab", type=int, default=256128)
   ap.add_argument("--no-naive", action="store_true")
+  ap.add_argument("--fsdp", type=int, default=1, help="devices (one sequence each, FSDP embeddings)")
   a = ap.parse_args()
   real = min(256000, a.vocab)
   scfg = gemma2_9b().replace(vocab_size=a.vocab, num_real_tokens=real)
   tcfg = gemma2_27b().replace(vocab_size=a.vocab, num_real_tokens=real)
   print(f"backend {jax.default_backend()}, V={a.vocab}, student D={scfg.d_model}, teacher "
-        f"D={tcfg.d_model}, B=1, loss={a.loss}, chunk={a.chunk}; temp memory of jit(grad(loss))")
+        f"D={tcfg.d_model}, 1 sequence per device, {a.fsdp} device(s), loss={a.loss}, chunk={a.chunk}; "
+        "temp memory of jit(grad(loss)) per device")
   print(f"{'T':>6} | {'ours GiB':>9} {'GiB/1k tok':>10} | {'naive GiB':>9} {'GiB/1k tok':>10} | compile s")
   rows = []
   for T in a.seq_lens:
-    o, to = analyse(ours, scfg, tcfg, T, loss=a.loss, chunk=a.chunk)
-    n, tn = (None, 0.0) if a.no_naive else analyse(naive, scfg, tcfg, T, loss=a.loss, chunk=a.chunk)
+    o, to = analyse(ours, scfg, tcfg, T, loss=a.loss, chunk=a.chunk, fsdp=a.fsdp)
+    n, tn = (None, 0.0) if a.no_naive else analyse(naive, scfg, tcfg, T, loss=a.loss, chunk=a.chunk,
+                                                   fsdp=a.fsdp)
     rows.append((T, o, n))
     naive_s = "" if n is None else f"{n / GiB:9.2f} {n / GiB / (T / 1000):10.3f}"
     print(f"{T:6d} | {o / GiB:9.3f} {o / GiB / (T / 1000):10.3f} | {naive_s:>20} | {to:.1f} + {tn:.1f}")
