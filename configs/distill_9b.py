@@ -9,7 +9,11 @@ The student minimizes sum_x -P_T(x|c) log P_S(x|c) over the full 256k vocabulary
 (Gemma 2 report, section 3.2). The teacher (bf16, no gradients, no optimizer state) is FSDP-sharded on
 the same mesh and runs inside the jitted step; both models' logits are built per 1k-token chunk from
 hidden states and recomputed in the backward, so no [B, T, 256k] tensor exists. Sized for a TPU
-v5p-256 class slice (27B bf16 teacher 54 GB + 9B student fp32 params and AdamW ~150 GB, sharded).
+v5p-256 slice (128 chips; 27B bf16 teacher 54 GB + 9B student fp32 params and AdamW ~150 GB, sharded),
+one 8k sequence per chip per micro-batch (4 micro-batches). Checked ahead of time on this CPU:
+  python -m gemma2_jax.aot --config=configs/distill_9b.py --topology=v5p:4x4x8 \
+      --config.teacher.preset=gemma2_27b
+-> 56.5 GiB peak per chip of 95 (with 2 micro-batches it needs 108 GiB of temporaries: does not fit).
 Metrics: loss (KD), ce, teacher_ce, kl_t1, top1_agreement; expect kl_t1 to fall fastest in the first
 thousand steps and top1_agreement to climb past 0.5.
 For offline distillation, write the teacher's top-k once with `python -m gemma2_jax.teacher_logits`
@@ -24,7 +28,7 @@ def get_config():
   student = gemma2_9b(dtype="bfloat16", attention_impl="blockwise", attention_block_size=1024,
                       remat="save_dots")
   c = distill_config(student, "/ckpt/gemma-2-27b", steps=500_000, global_batch=512, seq_len=8192,
-                     grad_accum_steps=2, loss_chunk=1024, log_every=50, eval_every=2000,
+                     grad_accum_steps=4, loss_chunk=1024, log_every=50, eval_every=2000,
                      eval_batches=32)
   c.teacher.dtype = "bfloat16"
   c.distill.loss = "soft_ce"

@@ -113,6 +113,11 @@ def main(argv=None) -> int:
   except (ConfigError, CheckpointError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
+  except Exception as e:  # XLA refuses at compile time a program that cannot fit the chip's HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    print(f"{args.config} on {args.topology}: DOES NOT FIT: {' '.join(str(e).split())[:400]}")
+    return 1
   m = compiled.memory_analysis()
   kind = devices[0].device_kind
   total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
