@@ -24,25 +24,25 @@ GiB = 2**30
 
 
 def teacher_model_config(exp):
+  """The teacher's shapes without its weights: a preset, or its checkpoint's config file."""
   from gemma2_jax.checkpoint import hf, native
   from gemma2_jax.experiment import ConfigError
   from gemma2_jax.model.config import get_preset
+  from gemma2_jax.trainer import teacher_runtime_config
 
   t = exp.teacher
+  path = Path(t.checkpoint)
   if t.preset:
     cfg = get_preset(t.preset)
+  elif native.is_native_dir(path):
+    cfg = native.read_config(path)
+  elif hf.is_hf_dir(path):
+    cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
   else:
-    path = Path(t.checkpoint)
-    if native.is_native_dir(path):
-      cfg = native.read_config(path)
-    elif hf.is_hf_dir(path):
-      cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
-    else:
-      raise ConfigError(f"teacher checkpoint {t.checkpoint} is not readable here; give its shapes "
-                        "with --config.teacher.preset=gemma2_27b (or gemma2_9b, gemma2_2b)")
-  return cfg.replace(dtype=t.dtype, param_dtype=t.dtype, attention_impl=exp.model.attention_impl,
-                     attention_block_size=exp.model.attention_block_size, remat="none",
-                     vocab_size=exp.model.vocab_size, num_real_tokens=exp.model.num_real_tokens)
+    raise ConfigError(f"teacher checkpoint {t.checkpoint} is not readable here; give its shapes "
+                      "with --config.teacher.preset=gemma2_27b (or gemma2_9b, gemma2_2b)")
+  # Presets carry the 256128-row vocab; a tiny test preset may not: memory is what is checked here.
+  return teacher_runtime_config(exp, cfg.replace(vocab_size=exp.model.vocab_size))
 
 
 def compile_step(exp, devices):
@@ -51,28 +51,30 @@ def compile_step(exp, devices):
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
 
-  from gemma2_jax.model.transformer import LOGICAL_AXES, param_shapes
+  from gemma2_jax.model.transformer import param_shapes
   from gemma2_jax.optim import make_optimizer
-  from gemma2_jax.sharding import activation_sharding, logical_to_sharding, logical_to_spec, make_mesh
-  from gemma2_jax.trainer import TOPK_KEYS, _abstract_state, make_train_step, state_shardings
+  from gemma2_jax.sharding import activation_sharding, logical_to_spec, make_mesh
+  from gemma2_jax.trainer import (
+    TOPK_KEYS,
+    abstract_state,
+    make_train_step,
+    state_shardings,
+    teacher_shardings,
+  )
 
   mesh = make_mesh(exp.mesh, devices)
   tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
   sh = state_shardings(exp, mesh, tx)
   S = jax.ShapeDtypeStruct
-  state = jax.tree.map(lambda s, shard: S(s.shape, s.dtype, sharding=shard),
-                       _abstract_state(exp, tx), sh.state)
+  state = abstract_state(exp, tx, sh)
   B, T = exp.train.global_batch, exp.train.seq_len
   batch = {k: S((B, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh.batch)
            for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
   teacher_cfg = teacher = None
   if exp.distill_mode == "online":
     teacher_cfg = teacher_model_config(exp)
-    rules = tuple((n, tuple(a) if isinstance(a, list) else a)
-                  for n, a in (exp.teacher.sharding_rules or exp.rules))
-    shardings = logical_to_sharding(LOGICAL_AXES, mesh, rules)
     teacher = jax.tree.map(lambda s, shard: S(s, jnp.dtype(teacher_cfg.param_dtype), sharding=shard),
-                           param_shapes(teacher_cfg), shardings,
+                           param_shapes(teacher_cfg), teacher_shardings(exp, mesh),
                            is_leaf=lambda x: isinstance(x, tuple))
   elif exp.distill_mode == "offline":
     k = 128

@@ -17,7 +17,7 @@ from gemma2_jax.data.config import DataConfig
 from gemma2_jax.losses import DistillConfig
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.optim import OptimizerConfig
-from gemma2_jax.sharding import DEFAULT_RULES, MESH_AXES, resolve_mesh_shape
+from gemma2_jax.sharding import DEFAULT_RULES, MESH_AXES, normalize_rules, resolve_mesh_shape
 
 TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from", "checkpoint",
              "teacher", "distill")
@@ -175,8 +175,7 @@ def from_config(config, *, num_devices: int, process_count: int = 1) -> Experime
     mesh = resolve_mesh_shape(mesh_sizes, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                for name, axes in c.get("sharding_rules", DEFAULT_RULES))
+  rules = normalize_rules(c.get("sharding_rules", DEFAULT_RULES))
   for name, axes in rules:
     for axis in (axes,) if isinstance(axes, str) else (axes or ()):
       if axis not in MESH_AXES:

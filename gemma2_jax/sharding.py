@@ -70,6 +70,11 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
   return Mesh(device_array, MESH_AXES)
 
 
+def normalize_rules(rules) -> tuple:
+  """Rules as written in a config (lists from JSON/ConfigDict) -> hashable tuples."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
 def logical_to_spec(logical: Sequence[str | None], rules) -> PartitionSpec:
   table = dict(rules)
   used: set[str] = set()

@@ -25,7 +25,13 @@ from gemma2_jax.losses import cross_entropy_sums, distill_schedule, distill_sums
 from gemma2_jax.model.config import ModelConfig, get_preset
 from gemma2_jax.model.transformer import LOGICAL_AXES, forward_hidden, init_params, param_shapes
 from gemma2_jax.optim import global_norm, make_optimizer
-from gemma2_jax.sharding import activation_sharding, logical_to_sharding, logical_to_spec, make_mesh
+from gemma2_jax.sharding import (
+  activation_sharding,
+  logical_to_sharding,
+  logical_to_spec,
+  make_mesh,
+  normalize_rules,
+)
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 TOPK_KEYS = ("topk_logprobs", "topk_ids")
@@ -131,22 +137,30 @@ def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | No
   return train_step
 
 
-def load_teacher(exp: Experiment, mesh) -> tuple[ModelConfig, dict]:
-  """The frozen teacher: config from its checkpoint, params placed directly in their shards."""
-  t = exp.teacher
-  preset = get_preset(t.preset) if t.preset else None
-  cfg, host = checkpoint.load_params(t.checkpoint, t.dtype, config=preset)
+def teacher_runtime_config(exp: Experiment, cfg: ModelConfig) -> ModelConfig:
+  """The teacher's checkpoint config, run with the student's attention settings and no remat."""
   if cfg.vocab_size != exp.model.vocab_size:
     raise checkpoint.CheckpointError(
       f"teacher vocab_size {cfg.vocab_size} != student vocab_size {exp.model.vocab_size}: distillation "
       "needs one tokenizer on both sides")
-  cfg = cfg.replace(dtype=t.dtype, attention_impl=exp.model.attention_impl,
-                    attention_block_size=exp.model.attention_block_size, remat="none",
-                    num_real_tokens=exp.model.num_real_tokens)
-  rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in (t.sharding_rules or exp.rules))
-  shardings = logical_to_sharding(LOGICAL_AXES, mesh, rules)
-  params = jax.tree.map(jax.device_put, host, shardings)
-  return cfg, params
+  return cfg.replace(dtype=exp.teacher.dtype, param_dtype=exp.teacher.dtype,
+                     attention_impl=exp.model.attention_impl,
+                     attention_block_size=exp.model.attention_block_size, remat="none",
+                     num_real_tokens=exp.model.num_real_tokens)
+
+
+def teacher_shardings(exp: Experiment, mesh) -> dict:
+  return logical_to_sharding(LOGICAL_AXES, mesh,
+                             normalize_rules(exp.teacher.sharding_rules or exp.rules))
+
+
+def load_teacher(exp: Experiment, mesh) -> tuple[ModelConfig, dict]:
+  """The frozen teacher: config from its checkpoint, params placed directly in their shards."""
+  t = exp.teacher
+  cfg, host = checkpoint.load_params(t.checkpoint, t.dtype,
+                                     config=get_preset(t.preset) if t.preset else None)
+  cfg = teacher_runtime_config(exp, cfg)
+  return cfg, jax.tree.map(jax.device_put, host, teacher_shardings(exp, mesh))
 
 
 def make_eval_step(exp: Experiment):
@@ -190,9 +204,8 @@ def init_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
   starts fresh: continued pre-training.
   """
   if exp.init_from:
-    cfg, host = checkpoint.load_params(exp.init_from, exp.model.param_dtype, config=exp.model)
-    if param_shapes(cfg) != param_shapes(exp.model):
-      raise checkpoint.CheckpointError(f"init_from {exp.init_from}: shapes do not match the model")
+    # Read with the run's model config: any tensor of another shape is an error naming it.
+    _, host = checkpoint.load_params(exp.init_from, exp.model.param_dtype, config=exp.model)
     params = jax.tree.map(jax.device_put, host, sh.state.params)
     del host
   else:
@@ -324,9 +337,7 @@ class Trainer:
     step = ckpt.latest_step()
     if step is None:
       return init_state(self.exp, self.tx, self.sh)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            _abstract_state(self.exp, self.tx), self.sh.state)
-    return ckpt.restore(step, abstract, self.train_iter)
+    return ckpt.restore(step, abstract_state(self.exp, self.tx, self.sh), self.train_iter)
 
   def run(self) -> dict:
     exp, tcfg = self.exp, self.exp.train
@@ -438,10 +449,13 @@ class Trainer:
 _RESUMABLE_MODEL_KEYS = ("attention_impl", "attention_block_size", "remat", "dtype")
 
 
-def _abstract_state(exp: Experiment, tx) -> TrainState:
+def abstract_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
+  """The train state as shapes carrying their target shardings (restore / AOT compile)."""
   params = _abstract_params(exp.model)
-  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                    opt_state=jax.eval_shape(tx.init, params))
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(tx.init, params))
+  return jax.tree.map(lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard),
+                      shapes, sh.state)
 
 
 def export_hf(params: dict, model_cfg: ModelConfig, path: Path) -> Path:
