@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import PADDED_LOGIT, logits_from_hidden
+from gemma2_jax.sharding import constrain
 
 DistillLoss = Literal["soft_ce", "forward_kl", "reverse_kl", "jsd"]
 DISTILL_LOSSES = ("soft_ce", "forward_kl", "reverse_kl", "jsd")
@@ -242,6 +243,8 @@ def cross_entropy_sums(cfg: ModelConfig, embedding_VD, hidden_BTD, targets_BT, w
 
   Cross-entropy is soft cross-entropy against the one-hot teacher of the targets (k = 1, no tail).
   """
+  embedding_VD = _vocab_parallel(embedding_VD)
+
   def fn(hidden_BcD, targets_Bc, weights_Bc):
     onehot = _sparse_teacher(cfg, targets_Bc[:, None], jnp.zeros(targets_Bc.shape + (1,)), tail=False)
     out = _token_sums(cfg, embedding_VD, hidden_BcD, targets_Bc, weights_Bc, onehot, loss="soft_ce",
@@ -274,6 +277,9 @@ def distill_sums(student_cfg: ModelConfig, student_embedding_VD, student_hidden_
     raise ValueError(f"teacher hidden states {teacher_hidden_BTD.shape} and student hidden states "
                      f"{student_hidden_BTD.shape} differ in [B, T]")
 
+  student_embedding_VD = _vocab_parallel(student_embedding_VD)
+  teacher_embedding_VD = _vocab_parallel(teacher_embedding_VD)
+
   def fn(hidden_BcD, targets_Bc, weights_Bc, teacher_hidden_BcD):
     teacher = _dense_teacher(logits_from_hidden(teacher_cfg, teacher_embedding_VD, teacher_hidden_BcD))
     return _token_sums(student_cfg, student_embedding_VD, hidden_BcD, targets_Bc, weights_Bc, teacher,
@@ -301,6 +307,8 @@ def topk_distill_sums(student_cfg: ModelConfig, student_embedding_VD, student_hi
     raise ValueError(f"topk_ids {topk_ids_BTk.shape} and topk_logprobs {topk_logprobs_BTk.shape} must "
                      f"both be [B, T, k] with [B, T] = {targets_BT.shape}")
 
+  student_embedding_VD = _vocab_parallel(student_embedding_VD)
+
   def fn(hidden_BcD, targets_Bc, weights_Bc, logp_Bck, ids_Bck):
     teacher = _sparse_teacher(student_cfg, ids_Bck, logp_Bck, tail=True)
     return _token_sums(student_cfg, student_embedding_VD, hidden_BcD, targets_Bc, weights_Bc, teacher,
@@ -311,10 +319,20 @@ def topk_distill_sums(student_cfg: ModelConfig, student_embedding_VD, student_hi
                            topk_logprobs_BTk, topk_ids_BTk)
 
 
+def _vocab_parallel(embedding_VD):
+  return constrain(embedding_VD, ("loss_vocab", None))
+
+
 def _chunk_over_batch(fn, chunk_size, hidden_BTD, targets_BT, weights_BT, *teacher_arrays_BT):
-  """`chunked_sum` with the batch folded into the rows of each chunk: fn sees [B * c, ...] arrays."""
+  """`chunked_sum` with the batch folded into the rows of each chunk: fn sees [B * c, ...] arrays.
+
+  Under a mesh, each chunk's rows are gathered over the FSDP axes (`loss_batch` rule) while the
+  embeddings are split by vocabulary (`loss_vocab`): chunk logits, their gradient and the embedding
+  gradient accumulator are then vocab-parallel, and no device holds a whole [V, D] table.
+  """
   def flat_fn(*arrays_Bc):
-    return fn(*(a.reshape(-1, *a.shape[2:]) for a in arrays_Bc))
+    return fn(*(constrain(a, ("loss_batch",) + (None,) * (a.ndim - 1)).reshape(-1, *a.shape[2:])
+                for a in arrays_Bc))
 
   return chunked_sum(flat_fn, chunk_size, hidden_BTD, targets_BT.astype(jnp.int32), weights_BT,
                      *teacher_arrays_BT)

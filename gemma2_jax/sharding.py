@@ -32,6 +32,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("mlp", "tensor"),
   ("layers", None),
   ("norm", None),
+  # The chunked loss is vocab-parallel: rows gathered over FSDP, the embedding split by vocabulary.
+  ("loss_batch", ("dcn", "data")),
+  ("loss_vocab", ("fsdp", "tensor")),
 )
 
 

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from gemma2_jax import losses  # noqa: E402
 from gemma2_jax.model.config import gemma2_9b, gemma2_27b  # noqa: E402
 from gemma2_jax.model.transformer import logits_from_hidden  # noqa: E402
-from gemma2_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh  # noqa: E402
+from gemma2_jax.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, make_mesh  # noqa: E402
 
 GiB = 2**30
 
@@ -75,7 +75,8 @@ def analyse(fn, scfg, tcfg, T, *, loss, chunk, fsdp=1):
   grad = jax.grad(lambda h, e, *rest: fn(scfg, tcfg, (h, e, *rest), loss=loss, chunk=chunk),
                   argnums=(0, 1))
   t0 = time.perf_counter()
-  m = jax.jit(grad, out_shardings=(rows, table)).lower(*abstract).compile().memory_analysis()
+  with activation_sharding(mesh, DEFAULT_RULES):
+    m = jax.jit(grad, out_shardings=(rows, table)).lower(*abstract).compile().memory_analysis()
   return m.temp_size_in_bytes, time.perf_counter() - t0
 
 
