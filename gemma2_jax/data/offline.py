@@ -47,7 +47,7 @@ import grain
 import grain.python as gp
 import numpy as np
 
-from gemma2_jax.data.pipeline import model_batch  # same derivation: decoded rows match exactly
+from gemma2_jax.data.pipeline import _from_json, model_batch  # the pipeline's own derivations
 from gemma2_jax.data.sources import DataError
 
 FORMAT = "gemma2_jax.teacher_topk"
@@ -388,14 +388,6 @@ class OfflineIterator(Iterator[dict[str, np.ndarray]]):
       diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
       raise DataError(f"offline iterator state was saved by a different pipeline; (saved, now): {diff}")
     self._it.set_state(_from_json(state["grain"]))
-
-
-def _from_json(x):
-  if isinstance(x, dict):
-    return {k: _from_json(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return tuple(_from_json(v) for v in x)
-  return x
 
 
 def make_offline_iterator(paths: str | Sequence[str], *, global_batch: int, seq_len: int, seed: int = 0,
