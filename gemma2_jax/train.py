@@ -46,6 +46,10 @@ def main(argv=None) -> int:
   except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
+  except OSError as e:  # e.g. a workdir that cannot be created or written
+    print(f"error: {e.strerror or e}: {e.filename or ''} (check --workdir and the data paths)",
+          file=sys.stderr)
+    return 1
   if jax.process_index() == 0:
     keys = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "tokens_per_s", "mfu")
     parts = [f"{k}={summary[k]:.4g}" for k in keys if k in summary]

@@ -343,7 +343,11 @@ class Trainer:
     exp, tcfg = self.exp, self.exp.train
     self._check_workdir()
     ckpt = TrainCheckpointer(self.workdir, exp.checkpoint)
-    state = self.restore_or_init(ckpt)
+    try:
+      state = self.restore_or_init(ckpt)
+    except BaseException:
+      ckpt.close()  # stop Orbax's background threads before the error propagates
+      raise
     start = int(jax.device_get(state.step))
     config_json = exp.to_json_dict()
     writer = MetricsWriter(self.workdir)

@@ -88,6 +88,9 @@ def _train_cli(*args, tmp_path):
    "/nonexistent"),
   (["--config=configs/pretrain_tiny.py", "--config.mesh.fsdp=3"], "mesh"),
   (["--config=configs/missing.py"], "missing.py"),
+  (["--config=configs/pretrain_tiny.py", "--config.init_from=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+  (["--config=configs/pretrain_tiny.py", "--config.data.tokenizer=/nonexistent/sp.model"],
+   "/nonexistent/sp.model"),
 ])
 def test_train_cli_bad_input_is_one_line(args, message, tmp_path):
   result = _train_cli(*args, f"--workdir={tmp_path / 'w'}", tmp_path=tmp_path)
@@ -95,3 +98,15 @@ def test_train_cli_bad_input_is_one_line(args, message, tmp_path):
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, result.stderr
   assert message in lines[0]
+
+
+def test_train_cli_unusable_workdir_is_one_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  result = subprocess.run([sys.executable, "-m", "gemma2_jax.train", "--config=configs/pretrain_tiny.py",
+                           f"--workdir={blocker / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+  assert blocker.read_text() == "not a directory"
