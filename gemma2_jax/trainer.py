@@ -320,7 +320,10 @@ class Trainer:
     path = self.workdir / "config.json"
     mine = self.exp.to_json_dict()
     if path.exists():
-      theirs = json.loads(path.read_text()).get("model", {})
+      # Fields added to ModelConfig after that run was written take their defaults.
+      defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                  if f.default is not dataclasses.MISSING}
+      theirs = {**defaults, **json.loads(path.read_text()).get("model", {})}
       diff = sorted(k for k in set(theirs) | set(mine["model"])
                     if theirs.get(k) != mine["model"].get(k) and k not in _RESUMABLE_MODEL_KEYS)
       if diff:
@@ -450,7 +453,7 @@ class Trainer:
 
 
 # Model fields that may change between runs in one workdir (numerics and memory, not shapes).
-_RESUMABLE_MODEL_KEYS = ("attention_impl", "attention_block_size", "remat", "dtype")
+_RESUMABLE_MODEL_KEYS = ("attention_impl", "attention_block_size", "remat", "dtype", "scan_layers")
 
 
 def abstract_state(exp: Experiment, tx, sh: Shardings) -> TrainState:

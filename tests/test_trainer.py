@@ -159,3 +159,21 @@ def test_batch_keys_match_data_pipeline():
   batch = next(make_train_iterator(exp.data_train, tokenizer_path=exp.tokenizer, vocab_size=1024))
   assert set(BATCH_KEYS) <= set(batch)
   assert batch["tokens"].shape == (8, 16)
+
+
+def test_workdir_written_before_a_new_model_field_still_resumes(tmp_path):
+  """A config.json from an older version (a ModelConfig field missing) is read with the defaults."""
+  import json
+  from types import SimpleNamespace
+
+  from gemma2_jax.checkpoint import CheckpointError
+
+  exp = _experiment(tiny_experiment(), 1)
+  old = exp.to_json_dict()
+  del old["model"]["scan_layers"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  Trainer._check_workdir(SimpleNamespace(exp=exp, workdir=tmp_path))  # no error
+  old["model"]["d_model"] += 8
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  with pytest.raises(CheckpointError, match="model.d_model"):
+    Trainer._check_workdir(SimpleNamespace(exp=exp, workdir=tmp_path))
