@@ -172,7 +172,7 @@ def assert_close(actual, expected, rtol=1e-6, atol=1e-12, msg=""):
                              err_msg=msg)
 
 
-def check_against_reference(x, variants, **run_kw):
+def assert_matches_reference(x, variants, **run_kw):
   for kw, (sums, dH, dE) in zip(variants, run_many(x, variants, **run_kw), strict=True):
     ref, ref_dH, ref_dE = np_reference(x, loss=kw["loss"], beta=kw.get("beta", 0.5),
                                        temp=kw.get("temperature", 1.0), alpha=kw.get("alpha", 1.0),
@@ -195,7 +195,7 @@ def test_distill_matches_numpy_reference():
     dict(loss="jsd", beta=0.5),
   ]
   with jax.enable_x64(True):
-    check_against_reference(make_inputs(), variants)
+    assert_matches_reference(make_inputs(), variants)
 
 
 def test_topk_matches_numpy_reference():
@@ -206,7 +206,7 @@ def test_topk_matches_numpy_reference():
   variants += [dict(loss="jsd", beta=0.5, temperature=2.0, alpha=0.5, topk=topk),
                dict(loss="forward_kl", topk=topk)]
   with jax.enable_x64(True):
-    check_against_reference(x, variants)
+    assert_matches_reference(x, variants)
 
 
 def test_chunked_equals_unchunked():
