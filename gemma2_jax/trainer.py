@@ -257,6 +257,8 @@ class Trainer:
   def __init__(self, exp: Experiment, workdir: str | Path):
     self.exp = exp
     self.workdir = Path(workdir)
+    if exp.init_from:
+      checkpoint.detect_format(exp.init_from)  # a wrong path fails here, before the workdir is touched
     self.mesh = make_mesh(exp.mesh)
     self.tx, self.schedule = make_optimizer(exp.optimizer, exp.train.steps)
     self.sh = state_shardings(exp, self.mesh, self.tx)

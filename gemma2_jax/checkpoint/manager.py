@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,15 @@ class _IteratorState:
     pass
 
 
+def _remove_unfinished_saves(directory: Path):
+  """Deletes the temporary directories of saves that were killed before Orbax finalized them."""
+  if jax.process_index() != 0 or not directory.is_dir():
+    return
+  for path in directory.iterdir():
+    if ".orbax-checkpoint-tmp" in path.name:
+      shutil.rmtree(path, ignore_errors=True)
+
+
 def checkpoint_dir(workdir: str | Path) -> Path:
   return Path(workdir) / "checkpoints"
 
@@ -57,9 +67,12 @@ class TrainCheckpointer:
   def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
     self.directory = checkpoint_dir(workdir)
     self.cfg = cfg
+    _remove_unfinished_saves(self.directory)
+    # Orbax's own cleanup of unfinished saves runs on a background thread that can outlive an early
+    # error (a traceback at interpreter exit); ours above is synchronous.
     options = ocp.CheckpointManagerOptions(
       max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None,
-      enable_async_checkpointing=cfg.async_save, create=True, cleanup_tmp_directories=True)
+      enable_async_checkpointing=cfg.async_save, create=True, cleanup_tmp_directories=False)
     self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
 
   def latest_step(self) -> int | None:
