@@ -6,6 +6,7 @@ Every problem is reported as one ConfigError line before anything is compiled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import types
@@ -230,18 +231,22 @@ def from_config(config, *, num_devices: int, process_count: int = 1) -> Experime
                     distill=distill, offline_paths=offline_paths)
 
 
+def dataclass_defaults(cls, **kw) -> dict:
+  """A config dataclass's defaults (fields without one only when given in kw) as a plain dict."""
+  return {f.name: kw.get(f.name, f.default) for f in dataclasses.fields(cls)
+          if f.default is not dataclasses.MISSING or f.name in kw}
+
+
 def base_config(model: ModelConfig, **train):
   """A complete ConfigDict with every section at its defaults, for configs/*.py to adjust."""
   import ml_collections
 
   from gemma2_jax.data.config import SourceConfig
 
-  fields = lambda cls, **kw: {f.name: kw.get(f.name, f.default) for f in dataclasses.fields(cls)
-                              if f.default is not dataclasses.MISSING or f.name in kw}
-  data_defaults = fields(DataConfig, sources=[])
+  data_defaults = dataclass_defaults(DataConfig, sources=[])
   for k in ("seq_len", "global_batch"):
     data_defaults.pop(k, None)
-  source = fields(SourceConfig)
+  source = dataclass_defaults(SourceConfig)
   source["paths"] = []
   data_defaults["sources"] = [source]
   data_defaults.update(paths="", format="auto", text_field="text", doc_per="line")
@@ -249,12 +254,12 @@ def base_config(model: ModelConfig, **train):
   c.model = model.to_dict()
   c.mesh = {"dcn": 1, "data": 1, "fsdp": -1, "tensor": 1}
   c.sharding_rules = [list(r) for r in DEFAULT_RULES]
-  c.optimizer = fields(OptimizerConfig)
-  c.train = fields(TrainConfig, **train)
+  c.optimizer = dataclass_defaults(OptimizerConfig)
+  c.train = dataclass_defaults(TrainConfig, **train)
   c.data = ml_collections.ConfigDict({"tokenizer": "", "train": data_defaults, "eval": None},
                                      type_safe=False)
   c.init_from = ""
-  c.checkpoint = fields(CheckpointConfig)
+  c.checkpoint = dataclass_defaults(CheckpointConfig)
   return c
 
 
@@ -275,10 +280,10 @@ def distill_config(student: ModelConfig, teacher_checkpoint: str = "", **train):
 
   c = base_config(student, **train)
   c.teacher = ml_collections.ConfigDict(
-    {f.name: f.default for f in dataclasses.fields(TeacherConfig)}, type_safe=False)
+    dataclass_defaults(TeacherConfig), type_safe=False)
   c.teacher.checkpoint = teacher_checkpoint
   c.distill = ml_collections.ConfigDict(
-    {f.name: f.default for f in dataclasses.fields(DistillConfig)}, type_safe=False)
+    dataclass_defaults(DistillConfig), type_safe=False)
   c.distill.offline_paths = ""
   return c
 
@@ -340,16 +345,8 @@ def apply_overrides(config, overrides: dict[str, str]):
                           + (f" (did you mean {hint[0]!r}?)" if hint else ""))
       if i == len(keys) - 1:
         value = _parse_value(dotted, text, node[key])
-        with node.ignore_type() if hasattr(node, "ignore_type") else _null():
+        with node.ignore_type() if hasattr(node, "ignore_type") else contextlib.nullcontext():
           node[key] = value
       else:
         node = node[key]
   return config
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False

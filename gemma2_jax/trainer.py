@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma2_jax import checkpoint, flops
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
-from gemma2_jax.experiment import Experiment
+from gemma2_jax.experiment import Experiment, dataclass_defaults
 from gemma2_jax.losses import cross_entropy_sums, distill_schedule, distill_sums, topk_distill_sums
 from gemma2_jax.model.config import ModelConfig, get_preset
 from gemma2_jax.model.transformer import LOGICAL_AXES, forward_hidden, init_params, param_shapes
@@ -323,9 +323,7 @@ class Trainer:
     mine = self.exp.to_json_dict()
     if path.exists():
       # Fields added to ModelConfig after that run was written take their defaults.
-      defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-                  if f.default is not dataclasses.MISSING}
-      theirs = {**defaults, **json.loads(path.read_text()).get("model", {})}
+      theirs = {**dataclass_defaults(ModelConfig), **json.loads(path.read_text()).get("model", {})}
       diff = sorted(k for k in set(theirs) | set(mine["model"])
                     if theirs.get(k) != mine["model"].get(k) and k not in _RESUMABLE_MODEL_KEYS)
       if diff:
