@@ -110,7 +110,7 @@ def main(argv=None) -> int:
   processes = len({d.process_index for d in devices})
   try:
     exp = from_config(apply_overrides(load_config_file(args.config), overrides),
-                      num_devices=len(devices), process_count=processes)
+                      num_devices=len(devices))
     compiled = compile_step(exp, devices)
   except (ConfigError, CheckpointError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -155,7 +155,7 @@ def _data_config(section: str, d: dict | None, shape: dict) -> DataConfig | None
   return typed(DataConfig, section, d, **shape)
 
 
-def from_config(config, *, num_devices: int, process_count: int = 1) -> Experiment:
+def from_config(config, *, num_devices: int) -> Experiment:
   c = _plain(config)
   unknown = sorted(set(c) - set(TOP_LEVEL))
   if unknown:
@@ -190,9 +190,6 @@ def from_config(config, *, num_devices: int, process_count: int = 1) -> Experime
   if micro % batch_shards:
     raise ConfigError(f"micro-batch of {micro} sequences (global_batch / grad_accum_steps) is not "
                       f"divisible by the {batch_shards} batch shards of mesh {mesh}")
-  if train.global_batch % process_count:
-    raise ConfigError(f"train.global_batch={train.global_batch} is not divisible by the "
-                      f"{process_count} processes")
 
   teacher = distill = None
   offline_paths = ""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -120,3 +122,73 @@ def constrain(x, logical: Sequence[str | None]):
     return x
   mesh, rules = active
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, rules)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataGroup:
+  """The batch rows one process feeds, derived from the batch sharding.
+
+  Processes whose devices address the same rows form one data group and read the same data shard
+  (group `index` of `count`); when a mesh axis other than the batch axes spans hosts (e.g. tensor
+  parallelism across hosts), several processes are in one group. `blocks` are the global row ranges
+  [start, stop) this process addresses, in the order its local batch holds them.
+  """
+
+  index: int
+  count: int
+  blocks: tuple[tuple[int, int], ...]
+
+  @property
+  def rows(self) -> int:
+    return sum(stop - start for start, stop in self.blocks)
+
+
+def process_row_blocks(sharding: NamedSharding, global_batch: int) -> dict[int, tuple]:
+  """process index -> sorted global row ranges [start, stop) that its devices address."""
+  blocks: dict[int, set] = {}
+  for device, index in sharding.devices_indices_map((global_batch, 1)).items():
+    start, stop, _ = index[0].indices(global_batch)
+    blocks.setdefault(device.process_index, set()).add((start, stop))
+  return {p: tuple(sorted(b)) for p, b in blocks.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def data_group(sharding: NamedSharding, global_batch: int, process_index: int | None = None) -> DataGroup:
+  """This process's data group under `sharding` (a [batch, ...] sharding of `global_batch` rows)."""
+  per_process = process_row_blocks(sharding, global_batch)
+  groups = sorted(set(per_process.values()))
+  rows_of = [{r for start, stop in g for r in range(start, stop)} for g in groups]
+  if len({len(r) for r in rows_of}) != 1 or len(set().union(*rows_of)) != global_batch:
+    raise ValueError(
+      f"the batch sharding {sharding.spec} gives processes overlapping or unequal row sets "
+      f"({per_process}); make the batch axes (dcn, data, fsdp) split hosts evenly")
+  pi = jax.process_index() if process_index is None else process_index
+  return DataGroup(index=groups.index(per_process[pi]), count=len(groups), blocks=per_process[pi])
+
+
+def host_to_global(x: np.ndarray, sharding: NamedSharding):
+  """This process's rows (its data group's share, laid out as `DataGroup.blocks`) -> one global array.
+
+  Each device's slice is cut from the local rows: nothing is sent between hosts and no equality
+  check runs (unlike device_put of a host array with a global sharding).
+  """
+  count = data_group(sharding, _batch_shards(sharding)).count
+  global_batch = len(x) * count
+  group = data_group(sharding, global_batch)
+  offset, at = {}, 0
+  for start, stop in group.blocks:
+    offset[start] = at
+    at += stop - start
+
+  def rows(index):
+    start, stop, _ = index[0].indices(global_batch)
+    lo = offset[start]
+    return x[(slice(lo, lo + stop - start), *index[1:])]
+
+  return jax.make_array_from_callback((global_batch, *x.shape[1:]), sharding, rows)
+
+
+def _batch_shards(sharding: NamedSharding) -> int:
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(sharding.mesh.shape[a] for a in axes)

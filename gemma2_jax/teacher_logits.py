@@ -152,7 +152,7 @@ def main(argv=None) -> int:
   created = not os.path.exists(out)
   try:
     config = apply_overrides(load_config_file(args.config), overrides)
-    exp = from_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    exp = from_config(config, num_devices=jax.device_count())
     if exp.teacher is None or not exp.teacher.checkpoint:
       raise ConfigError("teacher.checkpoint is not set: give the teacher's HF / Kaggle / native "
                         "checkpoint (--config.teacher.checkpoint=/path)")

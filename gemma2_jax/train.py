@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from etils import epath
+
 from gemma2_jax.cli import ArgumentParser, parse_with_overrides
 
 
@@ -32,30 +34,43 @@ def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   import jax
 
+  from gemma2_jax import distributed
   from gemma2_jax.checkpoint import CheckpointError
   from gemma2_jax.data import DataError
   from gemma2_jax.experiment import ConfigError, apply_overrides, from_config, load_config_file
   from gemma2_jax.trainer import Trainer, TrainingDiverged
 
   if args.distributed or args.coordinator_address:
-    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    rc = distributed.supervise()
+    if rc is not None:
+      return rc
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  error = None
   try:
     config = apply_overrides(load_config_file(args.config), overrides)
-    exp = from_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    exp = from_config(config, num_devices=jax.device_count())
     summary = Trainer(exp, args.workdir).run()
   except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
+    error = f"error: {' '.join(str(e).split())}"
   except OSError as e:  # e.g. a workdir that cannot be created or written
-    print(f"error: {e.strerror or e}: {e.filename or ''} (check --workdir and the data paths)",
-          file=sys.stderr)
+    error = f"error: {e.strerror or e}: {e.filename or ''} (check --workdir and the data paths)"
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() > 1:
+      distributed.collective_failed(e)  # a lost peer: one line naming it, then exit
+    raise
+  distributed.finished(error)
+  if error:
+    print(error, file=sys.stderr)
     return 1
   if jax.process_index() == 0:
-    keys = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "tokens_per_s", "mfu")
-    parts = [f"{k}={summary[k]:.4g}" for k in keys if k in summary]
-    print(f"done: {exp.train.steps} steps; " + " ".join(parts) + f"; workdir={args.workdir}")
-    with open(f"{args.workdir}/summary.json", "w") as f:
-      json.dump(summary, f, indent=2)
+    if "preempted_at_step" in summary:
+      print(f"stopped: preempted at step {summary['preempted_at_step']} of {exp.train.steps}; the "
+            f"checkpoint is saved, re-run the same command to resume; workdir={args.workdir}")
+    else:
+      keys = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "tokens_per_s", "mfu")
+      parts = [f"{k}={summary[k]:.4g}" for k in keys if k in summary]
+      print(f"done: {exp.train.steps} steps; " + " ".join(parts) + f"; workdir={args.workdir}")
+    (epath.Path(args.workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
   return 0
 
 

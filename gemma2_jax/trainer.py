@@ -6,16 +6,17 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma2_jax import checkpoint, flops
@@ -27,6 +28,8 @@ from gemma2_jax.model.transformer import LOGICAL_AXES, forward_hidden, init_para
 from gemma2_jax.optim import global_norm, make_optimizer
 from gemma2_jax.sharding import (
   activation_sharding,
+  data_group,
+  host_to_global,
   logical_to_sharding,
   logical_to_spec,
   make_mesh,
@@ -219,17 +222,14 @@ def init_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
 
 
 def to_global(batch: dict, sh: Shardings) -> dict:
-  """Per-process numpy batch -> global jax arrays laid out on the batch sharding."""
-  def put(x):
-    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-    return jax.make_array_from_process_local_data(sh.batch, x, global_shape)
-  return {k: put(np.asarray(v)) for k, v in batch.items()}
+  """This process's numpy rows (its data group's share) -> global jax arrays on the batch sharding."""
+  return {k: host_to_global(np.asarray(v), sh.batch) for k, v in batch.items()}
 
 
 class MetricsWriter:
   """metrics.jsonl + TensorBoard event files in the workdir (process 0 only)."""
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: epath.Path):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
@@ -254,17 +254,18 @@ class MetricsWriter:
 
 
 class Trainer:
-  def __init__(self, exp: Experiment, workdir: str | Path):
+  def __init__(self, exp: Experiment, workdir: str | os.PathLike):
     self.exp = exp
-    self.workdir = Path(workdir)
+    self.workdir = epath.Path(workdir)
     if exp.init_from:
       checkpoint.detect_format(exp.init_from)  # a wrong path fails here, before the workdir is touched
     self.mesh = make_mesh(exp.mesh)
     self.tx, self.schedule = make_optimizer(exp.optimizer, exp.train.steps)
     self.sh = state_shardings(exp, self.mesh, self.tx)
-    pc, pi = jax.process_count(), jax.process_index()
-    data_kw = dict(process_index=pi, process_count=pc, tokenizer_path=exp.tokenizer,
-                   vocab_size=exp.model.vocab_size, num_real_tokens=exp.model.num_real_tokens)
+    # Processes whose devices address the same batch rows read the same data shard.
+    group = data_group(self.sh.batch, exp.train.global_batch)
+    data_kw = dict(tokenizer_path=exp.tokenizer, vocab_size=exp.model.vocab_size,
+                   num_real_tokens=exp.model.num_real_tokens)
     self.data_kw = data_kw
     self.batch_keys = BATCH_KEYS
     if exp.distill_mode == "offline":
@@ -272,12 +273,13 @@ class Trainer:
       d = exp.data_train
       self.train_iter = make_offline_iterator(exp.offline_paths, global_batch=d.global_batch,
                                               seq_len=d.seq_len, seed=d.seed, shuffle=d.shuffle,
-                                              num_epochs=d.num_epochs, process_index=pi,
-                                              process_count=pc)
+                                              num_epochs=d.num_epochs, process_index=group.index,
+                                              process_count=group.count)
       self.batch_keys = BATCH_KEYS + TOPK_KEYS
     else:
       from gemma2_jax.data.pipeline import make_train_iterator
-      self.train_iter = make_train_iterator(exp.data_train, **data_kw)
+      self.train_iter = make_train_iterator(exp.data_train, process_index=group.index,
+                                            process_count=group.count, **data_kw)
     self.teacher_cfg = self.teacher_params = None
     teacher_sharding = None
     if exp.distill_mode == "online":
@@ -300,8 +302,9 @@ class Trainer:
   def evaluate(self, params) -> dict:
     from gemma2_jax.data.pipeline import make_eval_iterator
 
+    group = data_group(self.sh.batch, self.exp.data_eval.global_batch)
     it = make_eval_iterator(self.exp.data_eval, num_batches=self.exp.train.eval_batches,
-                            **self.data_kw)
+                            process_index=group.index, process_count=group.count, **self.data_kw)
     totals = None
     with self._sharding_ctx():
       for _ in range(self.exp.train.eval_batches):
@@ -361,7 +364,7 @@ class Trainer:
       bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     pending, last, summary, skipped = None, {}, {"start_step": start}, 0
     window_start, window_steps = None, 0
-    with _sigterm_flag() as preempted:
+    with _stop_signals() as preempted:
       try:
         for step in range(start, tcfg.steps + 1):
           if step < tcfg.steps:
@@ -465,7 +468,7 @@ def abstract_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
                       shapes, sh.state)
 
 
-def export_hf(params: dict, model_cfg: ModelConfig, path: Path) -> Path:
+def export_hf(params: dict, model_cfg: ModelConfig, path: epath.Path) -> epath.Path:
   """Gathers the (sharded) params to process 0, which writes them as HF safetensors."""
   from jax.experimental import multihost_utils
   host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
@@ -475,17 +478,29 @@ def export_hf(params: dict, model_cfg: ModelConfig, path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _sigterm_flag():
-  """SIGTERM (preemption, `kill`) and Ctrl-C set a flag the loop checks once per step."""
+def _stop_signals():
+  """Yields `stop()`: whether a SIGTERM (preemption, `kill`) or Ctrl-C asked this process to stop.
+
+  One process: a Python handler sets a flag the loop checks once per step. Several processes: the
+  decision must be collective (every process saves the same step), and a Python SIGTERM handler
+  would displace the notifier that jax.distributed installs; so SIGTERM is left to JAX's preemption
+  service, whose sync point (`TrainCheckpointer.reached_preemption`, checked every step) stops all
+  processes at one step, and Ctrl-C is turned into a SIGTERM for it.
+  """
   received = []
+  several = jax.process_count() > 1
 
   def handler(signum, frame):
-    received.append(signum)
+    if several:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      received.append(signum)
 
   if threading.current_thread() is not threading.main_thread():
     yield lambda: False
     return
-  old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+  sigs = (signal.SIGINT,) if several else (signal.SIGTERM, signal.SIGINT)
+  old = {sig: signal.signal(sig, handler) for sig in sigs}
   try:
     yield lambda: bool(received)
   finally:
