@@ -12,9 +12,7 @@ chip's HBM, 1 if it does not (or on bad input, with one `error:` line).
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from gemma2_jax.cli import ArgumentParser, parse_with_overrides
 
@@ -25,24 +23,21 @@ GiB = 2**30
 
 def teacher_model_config(exp):
   """The teacher's shapes without its weights: a preset, or its checkpoint's config file."""
-  from gemma2_jax.checkpoint import hf, native
+  from gemma2_jax import checkpoint
   from gemma2_jax.experiment import ConfigError
   from gemma2_jax.model.config import get_preset
   from gemma2_jax.trainer import teacher_runtime_config
 
   t = exp.teacher
-  path = Path(t.checkpoint)
   if t.preset:
     cfg = get_preset(t.preset)
-  elif native.is_native_dir(path):
-    cfg = native.read_config(path)
-  elif hf.is_hf_dir(path):
-    cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
   else:
-    raise ConfigError(f"teacher checkpoint {t.checkpoint} is not readable here; give its shapes "
-                      "with --config.teacher.preset=gemma2_27b (or gemma2_9b, gemma2_2b)")
-  # Presets carry the 256128-row vocab; a tiny test preset may not: memory is what is checked here.
-  return teacher_runtime_config(exp, cfg.replace(vocab_size=exp.model.vocab_size))
+    try:
+      cfg = checkpoint.read_config(t.checkpoint)
+    except checkpoint.CheckpointError as e:
+      raise ConfigError(f"teacher checkpoint {t.checkpoint} is not readable here ({e}); give its "
+                        "shapes with --config.teacher.preset=gemma2_27b (or gemma2_9b, gemma2_2b)") from None
+  return teacher_runtime_config(exp, cfg)
 
 
 def compile_step(exp, devices):

@@ -141,7 +141,13 @@ def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | No
 
 
 def teacher_runtime_config(exp: Experiment, cfg: ModelConfig) -> ModelConfig:
-  """The teacher's checkpoint config, run with the student's attention settings and no remat."""
+  """The teacher's checkpoint config, run with the student's attention settings and no remat.
+
+  An HF teacher stores only the real rows (256000) of the student's padded vocab (256128): it is
+  loaded with the padding rows (zeros, masked out of the logits like the student's).
+  """
+  if cfg.vocab_size == exp.model.num_real_tokens and cfg.vocab_size < exp.model.vocab_size:
+    cfg = cfg.replace(vocab_size=exp.model.vocab_size)
   if cfg.vocab_size != exp.model.vocab_size:
     raise checkpoint.CheckpointError(
       f"teacher vocab_size {cfg.vocab_size} != student vocab_size {exp.model.vocab_size}: distillation "
@@ -158,12 +164,13 @@ def teacher_shardings(exp: Experiment, mesh) -> dict:
 
 
 def load_teacher(exp: Experiment, mesh) -> tuple[ModelConfig, dict]:
-  """The frozen teacher: config from its checkpoint, params placed directly in their shards."""
+  """The frozen teacher: config from its checkpoint, each process reading only its shards."""
   t = exp.teacher
-  cfg, host = checkpoint.load_params(t.checkpoint, t.dtype,
-                                     config=get_preset(t.preset) if t.preset else None)
-  cfg = teacher_runtime_config(exp, cfg)
-  return cfg, jax.tree.map(jax.device_put, host, teacher_shardings(exp, mesh))
+  cfg = teacher_runtime_config(
+    exp, get_preset(t.preset) if t.preset else checkpoint.read_config(t.checkpoint))
+  _, params = checkpoint.load_sharded(t.checkpoint, t.dtype, teacher_shardings(exp, mesh),
+                                      config=cfg)
+  return cfg, params
 
 
 def make_eval_step(exp: Experiment):
@@ -207,10 +214,10 @@ def init_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
   starts fresh: continued pre-training.
   """
   if exp.init_from:
-    # Read with the run's model config: any tensor of another shape is an error naming it.
-    _, host = checkpoint.load_params(exp.init_from, exp.model.param_dtype, config=exp.model)
-    params = jax.tree.map(jax.device_put, host, sh.state.params)
-    del host
+    # Read with the run's model config (any tensor of another shape is an error naming it); each
+    # process reads only the slices its devices hold.
+    _, params = checkpoint.load_sharded(exp.init_from, exp.model.param_dtype, sh.state.params,
+                                        config=exp.model)
   else:
     params = jax.jit(lambda: init_params(exp.model, exp.train.seed),
                      out_shardings=sh.state.params)()

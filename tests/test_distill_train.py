@@ -117,3 +117,28 @@ def test_distill_cli_run_end_to_end(checkpoints, tmp_path):
   summary = Trainer(dexp, tmp_path / "run").run()
   assert {"kd", "kl_t1", "top1_agreement", "teacher_ce", "eval_loss"} <= set(summary)
   assert (tmp_path / "run" / "hf_step3" / "model.safetensors").exists()
+
+
+def test_hf_teacher_with_real_rows_only_is_padded_to_the_student_vocab(checkpoints, tmp_path):
+  """HF checkpoints store the 256000 real rows of a 256128-row vocab: the teacher loads padded."""
+  exp, _ = checkpoints
+  from gemma2_jax.model.transformer import init_params
+  student = exp.model.replace(num_real_tokens=exp.model.vocab_size - 8)
+  params = init_params(student, seed=3)
+  native = save_model(Transformer.from_params(student, params), tmp_path / "native", format="native")
+  hf = save_model(Transformer.from_params(student, params), tmp_path / "hf", format="hf")
+  import json
+  assert json.loads((hf / "config.json").read_text())["vocab_size"] == student.num_real_tokens
+  exp = _distill_exp(dataclasses.replace(exp, model=student), hf, {"fsdp": 2}, loss="forward_kl",
+                     alpha=1.0)
+  teacher_cfg, teacher_params = load_teacher(exp, make_mesh(exp.mesh, jax.devices()[:2]))
+  emb = np.asarray(teacher_params["embedder"]["input_embedding"])
+  assert teacher_cfg.vocab_size == student.vocab_size and emb.shape[0] == student.vocab_size
+  np.testing.assert_array_equal(emb[:student.num_real_tokens],
+                                np.asarray(params["embedder"]["input_embedding"])[:-8])
+  assert not emb[student.num_real_tokens:].any()
+  # The same weights as the student: the padded teacher's distribution is the student's.
+  state, step, teacher_params, sh = _step(exp, 2, init_from=native)
+  batch = synthetic_batches(1, vocab=student.num_real_tokens)[0]  # padding ids never occur as input
+  _, m = step(state, to_global(batch, sh), teacher_params)
+  assert abs(float(m["kl_t1"])) < 1e-6 and float(m["top1_agreement"]) == 1.0

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from gemma2_jax.checkpoint import hf, kaggle, native, workdir
 from gemma2_jax.checkpoint.errors import CheckpointError
@@ -21,7 +22,7 @@ _MODULES = {"hf": hf, "native": native, "kaggle": kaggle, "workdir": workdir}  #
 
 
 def detect_format(path: str | os.PathLike) -> str:
-  path = Path(path)
+  path = epath.Path(path)
   if not path.exists():
     raise CheckpointError(f"checkpoint path {path} does not exist")
   if not path.is_dir():
@@ -40,19 +41,42 @@ def detect_format(path: str | os.PathLike) -> str:
                         "training workdir")
 
 
+def read_config(path: str | os.PathLike) -> ModelConfig:
+  """A checkpoint's model config, from its config file or tensor metadata (no weights are read)."""
+  path = epath.Path(path)
+  return _MODULES[detect_format(path)].read_config(path)
+
+
 def stored_dtype(path: str | os.PathLike) -> np.dtype:
   """The dtype a checkpoint stores its weights in (read from headers/metadata only)."""
-  path = Path(path)
+  path = epath.Path(path)
   return np.dtype(_MODULES[detect_format(path)].stored_dtype(path))
 
 
 def load_params(path: str | os.PathLike, dtype="float32", *, config: ModelConfig | None = None,
                 progress=None) -> tuple[ModelConfig, dict]:
   """Reads any supported checkpoint into (config, host numpy params in `dtype`)."""
-  path = Path(path)
+  path = epath.Path(path)
   fmt = detect_format(path)
   dtype = np.dtype(dtype)
   cfg, params = _MODULES[fmt].load(path, dtype, config=config, progress=progress)
+  return cfg.replace(param_dtype=dtype.name), params
+
+
+def load_sharded(path: str | os.PathLike, dtype, shardings, *,
+                 config: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
+  """Like load_params, but returns global jax.Arrays laid out on `shardings` (a tree of NamedSharding
+  with the structure of gemma2_jax.model.transformer.param_shapes(cfg)); each process reads only the
+  slices its addressable devices hold.
+
+  Every process of a multi-host job must call it (the Orbax formats synchronise). HF safetensors
+  are memory-mapped and sliced per device; native, workdir and Kaggle checkpoints are restored by
+  Orbax onto the target shardings (Kaggle's per-layer tensors then stacked on device).
+  """
+  path = epath.Path(path)
+  fmt = detect_format(path)
+  dtype = np.dtype(dtype)
+  cfg, params = _MODULES[fmt].load_sharded(path, dtype, shardings, config=config)
   return cfg.replace(param_dtype=dtype.name), params
 
 
@@ -88,6 +112,9 @@ def save_params(params: dict, cfg: ModelConfig, path: str | os.PathLike, format:
   """
   if format not in FORMATS:
     raise CheckpointError(f"unknown format {format!r}; choose one of {FORMATS}")
+  if "://" in str(path):  # the temporary directory and atomic rename below are local operations
+    raise CheckpointError(f"cannot write a checkpoint to {path}: only local paths are supported "
+                          "(write locally, then copy)")
   path = Path(path)
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise CheckpointError(f"output path {path} already exists and is not empty; choose a new "
@@ -114,4 +141,4 @@ def save_model(model: Transformer, path: str | os.PathLike, format: str = "nativ
 
 
 __all__ = ["FORMATS", "CheckpointError", "detect_format", "load_model", "load_params",
-           "save_model", "save_params", "stored_dtype"]
+           "load_sharded", "read_config", "save_model", "save_params", "stored_dtype"]

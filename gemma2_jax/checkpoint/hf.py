@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
+from gemma2_jax.checkpoint import sharded
 from gemma2_jax.checkpoint.errors import CheckpointError
-from gemma2_jax.checkpoint.mapping import Entry, export_tensors, read_params
+from gemma2_jax.checkpoint.mapping import Entry, Slot, export_tensors, plan, read_params
 from gemma2_jax.checkpoint.safetensors_io import SafetensorsReader, write_sharded
 from gemma2_jax.model.config import ModelConfig
 
@@ -98,7 +99,11 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
   }
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: epath.Path) -> ModelConfig:
+  return config_from_hf(_read_config(path))
+
+
+def _read_config(path: epath.Path) -> dict:
   try:
     hf = json.loads((path / "config.json").read_text())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -108,11 +113,11 @@ def _read_config(path: Path) -> dict:
   return hf
 
 
-def is_hf_dir(path: Path) -> bool:
+def is_hf_dir(path: epath.Path) -> bool:
   return (path / "config.json").exists()
 
 
-def _refuse_pickles(path: Path):
+def _refuse_pickles(path: epath.Path):
   if not any(path.glob("*.safetensors")) and any(
       path.glob(p) for p in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
     raise CheckpointError(f"{path}: only pickle-based weights (*.bin/*.pt) found; they are never "
@@ -120,21 +125,23 @@ def _refuse_pickles(path: Path):
                           "with transformers first.")
 
 
-def stored_dtype(path: Path) -> np.dtype:
+def stored_dtype(path: epath.Path) -> np.dtype:
   _refuse_pickles(path)
   reader = SafetensorsReader(path)
   name = "model.embed_tokens.weight"
   return reader.dtype(name if name in reader.keys() else reader.keys()[0])
 
 
-def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
+def _open(path: epath.Path, config: ModelConfig | None) -> tuple[ModelConfig, SafetensorsReader,
+                                                                  list[Slot]]:
+  """Config, reader and the checked tensor plan; fails before reading any data."""
   _refuse_pickles(path)
   hf_cfg = _read_config(path)
   cfg = config or config_from_hf(hf_cfg)
   reader = SafetensorsReader(path)
   table = entries(cfg)
   expected = [key for e in table for key, _ in e.keys(cfg)]
-  # Fail before reading any data: a missing or extra tensor means a different architecture.
+  # A missing or extra tensor means a different architecture.
   present = set(reader.keys())
   missing = [k for k in expected if k not in present]
   if missing:
@@ -145,16 +152,27 @@ def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
   if unexpected:
     raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r}{_more(unexpected)} for "
                           f"this {cfg.num_layers}-layer Gemma 2 config")
+  return cfg, reader, plan(cfg, table, reader.shape)
+
+
+def load(path: epath.Path, dtype, config: ModelConfig | None = None, progress=None):
+  cfg, reader, slots = _open(path, config)
   if progress is not None:
-    progress.reset(total=len(expected))
-  return cfg, read_params(cfg, table, reader.get, dtype, progress)
+    progress.reset(total=len(slots))
+  return cfg, read_params(cfg, slots, reader.get, dtype, progress)
+
+
+def load_sharded(path: epath.Path, dtype, shardings, config: ModelConfig | None = None):
+  """Each device's block is copied out of memory-mapped tensors (see SafetensorsReader.view)."""
+  cfg, reader, slots = _open(path, config)
+  return cfg, sharded.from_blocks(cfg, slots, reader.view, dtype, shardings)
 
 
 def _more(keys: list) -> str:
   return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
 
-def save(params: dict, cfg: ModelConfig, path: Path, dtype, *, max_shard_bytes=5 * 10**9,
+def save(params: dict, cfg: ModelConfig, path: epath.Path, dtype, *, max_shard_bytes=5 * 10**9,
          progress=None):
   dtype = np.dtype(dtype)
   specs, produce = export_tensors(cfg, entries(cfg), params, dtype,

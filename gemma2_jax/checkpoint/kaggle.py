@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+from etils import epath
 
-from gemma2_jax.checkpoint import orbax_io
+from gemma2_jax.checkpoint import orbax_io, sharded
 from gemma2_jax.checkpoint.errors import CheckpointError
-from gemma2_jax.checkpoint.mapping import Entry, export_tensors, read_params
+from gemma2_jax.checkpoint.mapping import Entry, Slot, export_tensors, plan, read_params, transposed
 from gemma2_jax.model.config import ModelConfig, gemma2_2b, gemma2_9b, gemma2_27b
 
 _T = "transformer/"
@@ -25,15 +24,14 @@ def entries(cfg: ModelConfig, gating_transposed: bool | None = None) -> list[Ent
   """`gating_transposed`: gating stored as (2, D, F) (the released 2B) instead of (2, F, D)."""
   if gating_transposed is None:
     gating_transposed = _is_2b_layout(cfg)
-  swap = (lambda w: w.transpose(0, 2, 1)) if gating_transposed else (lambda w: w)
   norms = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")
   return [
     Entry(_T + "embedder/input_embedding", ("embedder", "input_embedding")),
     Entry(_L + "attn/q_einsum/w", ("layers", "attn", "q_einsum")),
     Entry(_L + "attn/kv_einsum/w", ("layers", "attn", "kv_einsum")),
     Entry(_L + "attn/attn_vec_einsum/w", ("layers", "attn", "attn_vec_einsum")),
-    Entry(_L + "mlp/gating_einsum", ("layers", "mlp", "gating_einsum"),
-          to_native=swap, from_native=swap),
+    (transposed(_L + "mlp/gating_einsum", ("layers", "mlp", "gating_einsum"), (0, 2, 1))
+     if gating_transposed else Entry(_L + "mlp/gating_einsum", ("layers", "mlp", "gating_einsum"))),
     Entry(_L + "mlp/linear", ("layers", "mlp", "linear")),
     *[Entry(_L + f"{n}/scale", ("layers", n, "scale")) for n in norms],
     Entry(_T + "final_norm/scale", ("final_norm", "scale")),
@@ -68,20 +66,24 @@ def infer_config(shapes: dict[str, tuple]) -> ModelConfig:
                      head_dim=H, ffn_dim=F, query_pre_attn_scalar=H)
 
 
-def stored_dtype(path: Path) -> np.dtype:
+def read_config(path: epath.Path) -> ModelConfig:
+  return infer_config({k: tuple(v.shape) for k, v in _flatten(orbax_io.metadata(path)).items()})
+
+
+def stored_dtype(path: epath.Path) -> np.dtype:
   flat = _flatten(orbax_io.metadata(path))
   key = _T + "embedder/input_embedding"
   return np.dtype((flat[key] if key in flat else next(iter(flat.values()))).dtype)
 
 
-def is_orbax_dir(path: Path) -> bool:
+def is_orbax_dir(path: epath.Path) -> bool:
   return any((path / m).exists() for m in ("_METADATA", "manifest.ocdbt", "checkpoint",
                                            "_CHECKPOINT_METADATA"))
 
 
 def _detect_gating_layout(cfg: ModelConfig, gating) -> bool | None:
   """True for a stored (2, D, F) gating, False for (2, F, D); None (the default) if D == F or the
-  tensor is absent or mis-shaped, which read_params then reports by name."""
+  tensor is absent or mis-shaped, which `plan` then reports by name."""
   D, F = cfg.d_model, cfg.ffn_dim
   if gating is None or D == F:
     return None
@@ -92,28 +94,55 @@ def _detect_gating_layout(cfg: ModelConfig, gating) -> bool | None:
   return None
 
 
-def load(path: Path, dtype, config: ModelConfig | None = None, progress=None,
-         gating_transposed: bool | None = None):
-  # Stored dtype: the cast happens tensor by tensor in read_params, not as a second full copy.
-  raw = _flatten(orbax_io.restore(path, orbax_io.metadata(path)))
-  cfg = config or infer_config({k: v.shape for k, v in raw.items()})
+def _open(path: epath.Path, config: ModelConfig | None,
+          gating_transposed: bool | None) -> tuple[ModelConfig, dict, list[Slot]]:
+  """Config, the stored metadata tree and the checked tensor plan; reads no tensor data."""
+  tree = orbax_io.metadata(path)
+  stored = _flatten(tree)
+  cfg = config or infer_config({k: tuple(v.shape) for k, v in stored.items()})
   if gating_transposed is None:
-    gating_transposed = _detect_gating_layout(cfg, raw.get(_L.format(i=0) + "mlp/gating_einsum"))
+    gating_transposed = _detect_gating_layout(cfg, stored.get(_L.format(i=0) + "mlp/gating_einsum"))
   table = entries(cfg, gating_transposed)
   expected = {key for e in table for key, _ in e.keys(cfg)}
-  unexpected = sorted(set(raw) - expected)
+  unexpected = sorted(set(stored) - expected)
   if unexpected:
     raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} (and "
                           f"{len(unexpected) - 1} more) for this Gemma 2 config")
-  if progress is not None:
-    progress.reset(total=len(expected))
 
-  def take(key):  # pop so each source tensor is freed once copied
-    if key not in raw:
+  def shape(key):
+    if key not in stored:
       raise CheckpointError(f"Kaggle checkpoint lacks tensor {key!r}")
-    return raw.pop(key)
+    return tuple(stored[key].shape)
 
-  return cfg, read_params(cfg, table, take, dtype, progress)
+  return cfg, tree, plan(cfg, table, shape)
+
+
+def load(path: epath.Path, dtype, config: ModelConfig | None = None, progress=None,
+         gating_transposed: bool | None = None):
+  cfg, tree, slots = _open(path, config, gating_transposed)
+  # Stored dtype: the cast happens tensor by tensor in read_params, not as a second full copy.
+  raw = _flatten(orbax_io.restore(path, tree))
+  if progress is not None:
+    progress.reset(total=len(slots))
+  # pop: each source tensor is freed once copied
+  return cfg, read_params(cfg, slots, raw.pop, dtype, progress)
+
+
+def load_sharded(path: epath.Path, dtype, shardings, config: ModelConfig | None = None,
+                 gating_transposed: bool | None = None):
+  """Each per-layer tensor is restored sharded like its slot of the stacked leaf (a padded embedding
+  zero-padded by Orbax); a jitted function per leaf then stacks them onto the target sharding."""
+  cfg, tree, slots = _open(path, config, gating_transposed)
+  sh = sharded.leaf_shardings(cfg, shardings)
+  by_key = {slot.key: slot for slot in slots}
+
+  def args(key, meta):
+    slot = by_key[key]
+    return orbax_io.array_args(meta, sharded.stored_sharding(slot, sh[slot.entry.path]), dtype,
+                               slot.shape if slot.pad else None)
+
+  raw = _flatten(orbax_io.restore(path, tree, restore_args=orbax_io.map_with_keys(args, tree)))
+  return cfg, sharded.from_restored(cfg, slots, raw, dtype, shardings)
 
 
 def to_raw_tree(params: dict, cfg: ModelConfig, dtype, gating_transposed: bool | None = None):
@@ -127,5 +156,5 @@ def to_raw_tree(params: dict, cfg: ModelConfig, dtype, gating_transposed: bool |
   return raw
 
 
-def save(params: dict, cfg: ModelConfig, path: Path, dtype, progress=None):
+def save(params: dict, cfg: ModelConfig, path: epath.Path, dtype, progress=None):
   orbax_io.save(path, to_raw_tree(params, cfg, dtype))

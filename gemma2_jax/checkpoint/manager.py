@@ -1,23 +1,25 @@
 """Training checkpoints in the workdir: Orbax CheckpointManager over the train state, every process's
 data-iterator state, and the resolved config (JSON).
 
-Layout: WORKDIR/checkpoints/<step>/{state, data, config}. Orbax writes each step into a temporary
-directory and renames it only when the (async) save is finalized, so a step directory that exists is
-complete: a save killed midway is never picked up on resume.
+Layout: WORKDIR/checkpoints/<step>/{state, data, config}; WORKDIR may be local or gs://. Locally,
+Orbax writes each step into a temporary directory and renames it only when the (async) save is
+finalized; on GCS (no atomic rename) it writes the step directory in place and marks it finalized
+with a last `commit_success.txt`. Either way a save killed midway is never picked up on resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from gemma2_jax.checkpoint.errors import CheckpointError
+from gemma2_jax.paths import as_path
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,21 +52,24 @@ class _IteratorState:
     pass
 
 
-def _remove_unfinished_saves(directory: Path):
-  """Deletes the temporary directories of saves that were killed before Orbax finalized them."""
+def _remove_unfinished_saves(directory: epath.Path):
+  """Deletes the saves that were killed before Orbax finalized them: local `<step>.orbax-checkpoint-
+  tmp-*` directories, or on GCS step directories without commit_success.txt (re-saving that step
+  would otherwise write into the leftovers)."""
   if jax.process_index() != 0 or not directory.is_dir():
     return
   for path in directory.iterdir():
-    if ".orbax-checkpoint-tmp" in path.name:
-      shutil.rmtree(path, ignore_errors=True)
+    step_like = path.name.isdigit() or ocp.path.step.TMP_DIR_SUFFIX in path.name
+    if step_like and ocp.path.step.is_path_temporary(path):
+      path.rmtree(missing_ok=True)
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
-  return Path(workdir) / "checkpoints"
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  return as_path(workdir) / "checkpoints"
 
 
 class TrainCheckpointer:
-  def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
+  def __init__(self, workdir: str | os.PathLike, cfg: CheckpointConfig):
     self.directory = checkpoint_dir(workdir)
     self.cfg = cfg
     _remove_unfinished_saves(self.directory)
@@ -73,7 +78,7 @@ class TrainCheckpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None,
       enable_async_checkpointing=cfg.async_save, create=True, cleanup_tmp_directories=False)
-    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -1,7 +1,8 @@
 """One table per external format maps its tensors onto our stacked parameter tree.
 
-The same table drives import (`read_params`) and export (`export_tensors`), so a format's layout is
-written down once. Tensors move one at a time: peak host memory stays near one copy of the model.
+The same table drives import (`plan` + `read_params`, or a sharded read: see sharded.py) and export
+(`export_tensors`), so a format's layout is written down once. Tensors move one at a time: peak host
+memory stays near one copy of the model.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class Entry:
   index: tuple[int, ...] = ()
   to_native: Callable[[np.ndarray], np.ndarray] = _identity
   from_native: Callable[[np.ndarray], np.ndarray] = _identity
+  # Set when to_native is `transpose(perm)` (see `transposed`): a sharded restore then reads the
+  # stored tensor laid out like its native slot.
+  perm: tuple[int, ...] | None = None
+
+  @property
+  def is_identity(self) -> bool:
+    return self.to_native is _identity
 
   @property
   def per_layer(self) -> bool:
@@ -41,6 +49,13 @@ class Entry:
     if self.per_layer:
       return [(self.key.format(i=i), (i, *self.index)) for i in range(cfg.num_layers)]
     return [(self.key, self.index)]
+
+
+def transposed(key: str, path: tuple[str, ...], perm: tuple[int, ...], index=()) -> Entry:
+  """An Entry whose native slot is the stored tensor transposed by `perm`."""
+  inverse = tuple(int(i) for i in np.argsort(perm))
+  return Entry(key, path, index, to_native=lambda w: w.transpose(perm),
+               from_native=lambda w: w.transpose(inverse), perm=tuple(perm))
 
 
 def _leaf(tree: dict, path: tuple[str, ...]):
@@ -60,29 +75,77 @@ def _map_shapes(tree, fn):
   return fn(tree)
 
 
-def read_params(cfg: ModelConfig, entries: list[Entry], get: Callable[[str], np.ndarray],
-                dtype, progress=None) -> dict:
-  """Fills a parameter tree for `cfg` from `get(key)`, checking every stored shape."""
-  params = empty_params(cfg, dtype)
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """One external tensor `key` and its place params[entry.path][index] (native shape `shape`)."""
+
+  entry: Entry
+  key: str
+  index: tuple[int, ...]
+  shape: tuple[int, ...]
+  pad: bool = False  # the embedding stored with only its real rows: zero rows are appended
+
+
+def plan(cfg: ModelConfig, entries: list[Entry], stored_shape: Callable[[str], tuple]) -> list[Slot]:
+  """Walks the table, checking every stored shape from headers/metadata, before any data is read.
+
+  The shape is checked before `to_native` runs: a wrong size would otherwise surface as a bare
+  reshape error, and a same-size wrong layout (e.g. a transposed square q_proj) would load.
+  """
+  shapes = param_shapes(cfg)
+  slots = []
   for entry in entries:
-    target = _leaf(params, entry.path)
-    for key, index in entry.keys(cfg):
-      slot = target[index] if index else target
-      value = get(key)
-      # Check the stored shape before to_native: a wrong size would otherwise surface as a bare
-      # reshape error, and a same-size wrong layout (e.g. a transposed square q_proj) would load.
-      stored = _stored_shape(entry, slot.shape)
-      if entry.path == EMBEDDING and value.shape != stored:
-        value = _pad_vocab(cfg, key, value, slot.shape)
-      elif tuple(value.shape) != stored:
-        raise CheckpointError(f"tensor {key!r}: shape {tuple(value.shape)} does not match "
-                              f"{stored} expected by the model config")
-      else:
-        value = entry.to_native(value)
-      slot[...] = value
-      del value
-      if progress is not None:
-        progress.update(1)
+    keys = entry.keys(cfg)
+    native = tuple(_leaf(shapes, entry.path)[len(keys[0][1]):])  # the same for each layer
+    expected = _stored_shape(entry, native)
+    for key, index in keys:
+      got = tuple(stored_shape(key))
+      pad = entry.path == EMBEDDING and got != expected
+      if pad:
+        _check_vocab(cfg, key, got, native)
+      elif got != expected:
+        raise CheckpointError(f"tensor {key!r}: shape {got} does not match {expected} expected by "
+                              "the model config")
+      slots.append(Slot(entry, key, index, native, pad))
+  return slots
+
+
+def by_leaf(slots: list[Slot]) -> dict[tuple[str, ...], list[Slot]]:
+  """The slots of each parameter leaf, in table order."""
+  out: dict[tuple[str, ...], list[Slot]] = {}
+  for slot in slots:
+    out.setdefault(slot.entry.path, []).append(slot)
+  return out
+
+
+def fill(slot: Slot, value: np.ndarray, out: np.ndarray, block: tuple[slice, ...] | None = None):
+  """Writes `block` (slices of the native slot; default all of it) of stored tensor `value` to `out`.
+
+  `value` may be a memory map: only the pages under the block are read (to_native and the slicing
+  are views), and the copy into `out` casts to its dtype.
+  """
+  if block is None:
+    block = (slice(None),) * len(slot.shape)
+  if not slot.pad:
+    out[...] = slot.entry.to_native(value)[block]
+    return
+  start, stop, _ = block[0].indices(slot.shape[0])
+  real = max(0, min(stop, value.shape[0]) - start)
+  out[:real] = value[start:start + real][(slice(None), *block[1:])]
+  out[real:] = 0
+
+
+def read_params(cfg: ModelConfig, slots: list[Slot], get: Callable[[str], np.ndarray], dtype,
+                progress=None) -> dict:
+  """Fills a host parameter tree for `cfg` from `get(key)`, one tensor at a time (see `plan`)."""
+  params = empty_params(cfg, dtype)
+  for slot in slots:
+    target = _leaf(params, slot.entry.path)
+    value = get(slot.key)
+    fill(slot, value, target[slot.index] if slot.index else target)
+    del value
+    if progress is not None:
+      progress.update(1)
   return params
 
 
@@ -92,17 +155,14 @@ def _stored_shape(entry: Entry, native_shape: tuple) -> tuple:
                               jax.ShapeDtypeStruct(native_shape, np.float32)).shape)
 
 
-def _pad_vocab(cfg: ModelConfig, key: str, value: np.ndarray, shape) -> np.ndarray:
+def _check_vocab(cfg: ModelConfig, key: str, shape: tuple, native: tuple):
   """HF checkpoints carry the real 256000 rows; a 256128-row config gets zero padding rows."""
-  if (value.ndim != 2 or value.shape[1:] != tuple(shape[1:])
-      or not (cfg.num_real_tokens == value.shape[0] < shape[0])):
+  if (len(shape) != 2 or shape[1:] != tuple(native[1:])
+      or not (cfg.num_real_tokens == shape[0] < native[0])):
     raise CheckpointError(
-      f"tensor {key!r}: shape {tuple(value.shape)} does not match the model config "
+      f"tensor {key!r}: shape {shape} does not match the model config "
       f"(vocab_size={cfg.vocab_size}, num_real_tokens={cfg.num_real_tokens}, "
       f"d_model={cfg.d_model})")
-  padded = np.zeros(shape, value.dtype)
-  padded[: value.shape[0]] = value
-  return padded
 
 
 def export_tensors(cfg: ModelConfig, entries: list[Entry], params: dict, dtype,

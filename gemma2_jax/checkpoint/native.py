@@ -5,12 +5,12 @@ shards."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
-from gemma2_jax.checkpoint import orbax_io
+from gemma2_jax.checkpoint import orbax_io, sharded
 from gemma2_jax.checkpoint.errors import CheckpointError
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import param_shapes
@@ -19,11 +19,11 @@ MARKER = "gemma2_jax.json"
 FORMAT_VERSION = 1
 
 
-def is_native_dir(path: Path) -> bool:
+def is_native_dir(path: epath.Path) -> bool:
   return (path / MARKER).exists()
 
 
-def read_config(path: Path) -> ModelConfig:
+def read_config(path: epath.Path) -> ModelConfig:
   try:
     meta = json.loads((path / MARKER).read_text())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -38,13 +38,12 @@ def read_config(path: Path) -> ModelConfig:
     raise CheckpointError(f"{path / MARKER}: bad model config ({e})") from None
 
 
-def stored_dtype(path: Path) -> np.dtype:
+def stored_dtype(path: epath.Path) -> np.dtype:
   return orbax_io.leaf_dtype(orbax_io.metadata(path / "params"), ("embedder", "input_embedding"))
 
 
-def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
-  cfg = config or read_config(path)
-  tree = orbax_io.metadata(path / "params")
+def check_tree(path: epath.Path, tree: dict, cfg: ModelConfig):
+  """Checks a stored params tree (metadata) against the shapes of `cfg`, naming the tensor."""
   stored = {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(v.shape)
             for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   wanted = {"/".join(str(k.key) for k in kp): tuple(s)
@@ -59,6 +58,19 @@ def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
   extra = sorted(set(stored) - set(wanted))
   if extra:
     raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} in native checkpoint")
+
+
+def sharded_args(cfg: ModelConfig, tree: dict, dtype, shardings) -> dict:
+  """Orbax restore args putting each stored leaf of a checked params tree on its target sharding."""
+  sh = sharded.leaf_shardings(cfg, shardings)
+  return orbax_io.map_with_keys(
+    lambda key, meta: orbax_io.array_args(meta, sh[tuple(key.split("/"))], dtype), tree)
+
+
+def load(path: epath.Path, dtype, config: ModelConfig | None = None, progress=None):
+  cfg = config or read_config(path)
+  tree = orbax_io.metadata(path / "params")
+  check_tree(path, tree, cfg)
   params = orbax_io.restore(path / "params", tree, dtype)
   if progress is not None:
     progress.reset(total=1)
@@ -66,7 +78,16 @@ def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
   return cfg, params
 
 
-def save(params: dict, cfg: ModelConfig, path: Path, dtype, progress=None):
+def load_sharded(path: epath.Path, dtype, shardings, config: ModelConfig | None = None):
+  """Orbax restores each leaf straight onto its target sharding, in `dtype`."""
+  cfg = config or read_config(path)
+  tree = orbax_io.metadata(path / "params")
+  check_tree(path, tree, cfg)
+  args = sharded_args(cfg, tree, dtype, shardings)
+  return cfg, orbax_io.restore(path / "params", tree, restore_args=args)
+
+
+def save(params: dict, cfg: ModelConfig, path: epath.Path, dtype, progress=None):
   path.mkdir(parents=True, exist_ok=True)
   dtype = np.dtype(dtype)
   params = jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)

@@ -11,10 +11,10 @@ import json
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from gemma2_jax.checkpoint.errors import CheckpointError
 
@@ -28,9 +28,14 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-  size = path.stat().st_size
-  with open(path, "rb") as f:
+def is_local(path: epath.Path) -> bool:
+  """False for a URL (gs://...): no memory map, no np.fromfile."""
+  return "://" not in str(path)
+
+
+def _read_header(path: epath.Path) -> tuple[dict, int]:
+  size = path.stat().length
+  with path.open("rb") as f:
     raw = f.read(8)
     if len(raw) < 8:
       raise CheckpointError(f"{path}: truncated safetensors file (no header)")
@@ -71,7 +76,7 @@ class SafetensorsReader:
   """Random access to the tensors of one file, a sharded index, or every *.safetensors in a dir."""
 
   def __init__(self, path: str | os.PathLike):
-    path = Path(path)
+    path = epath.Path(path)
     if path.is_file():
       files = [path]
     elif (path / INDEX_FILE).exists():
@@ -87,7 +92,7 @@ class SafetensorsReader:
       files = sorted(path.glob("*.safetensors"))
     if not files:
       raise CheckpointError(f"{path}: no *.safetensors files found")
-    self._where: dict[str, tuple[Path, dict, int]] = {}
+    self._where: dict[str, tuple[epath.Path, dict, int]] = {}
     for f in files:
       header, start = _read_header(f)
       for name, info in header.items():
@@ -102,7 +107,8 @@ class SafetensorsReader:
   def dtype(self, name: str) -> np.dtype:
     return _DTYPES[self._where[name][1]["dtype"]]
 
-  def get(self, name: str) -> np.ndarray:
+  def _locate(self, name: str) -> tuple[epath.Path, np.dtype, list, int, int]:
+    """(file, little-endian dtype, shape, absolute byte offset, element count) of a tensor."""
     if name not in self._where:
       raise CheckpointError(f"tensor {name!r} is missing from the safetensors checkpoint")
     f, info, start = self._where[name]
@@ -112,13 +118,35 @@ class SafetensorsReader:
     if count != int(np.prod(info["shape"], dtype=np.int64)):
       raise CheckpointError(f"{f}: tensor {name!r}: {end - begin} bytes do not hold shape "
                             f"{info['shape']} of {info['dtype']}")
-    arr = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=count, offset=start + begin)
-    return arr.astype(dtype, copy=False).reshape(info["shape"])
+    return f, dtype.newbyteorder("<"), info["shape"], start + begin, count
+
+  def get(self, name: str) -> np.ndarray:
+    """The whole tensor, read into memory."""
+    f, dtype, shape, offset, count = self._locate(name)
+    if is_local(f):
+      arr = np.fromfile(os.fspath(f), dtype=dtype, count=count, offset=offset)
+    else:  # np.fromfile needs an OS file; the result is read-only (callers copy out of it)
+      with f.open("rb") as fh:
+        fh.seek(offset)
+        arr = np.frombuffer(fh.read(count * dtype.itemsize), dtype=dtype)
+    return arr.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+
+  def view(self, name: str) -> np.ndarray:
+    """The tensor as a read-only memory map of its bytes: pages are read only when touched, and
+    released when the map is dropped, so slicing it costs the slice, not the tensor.
+
+    A remote file (gs://...) cannot be mapped: it is read whole, so a caller should use one tensor
+    at a time.
+    """
+    f, dtype, shape, offset, count = self._locate(name)
+    if not is_local(f) or count == 0:  # np.memmap refuses an empty range
+      return self.get(name)
+    return np.memmap(os.fspath(f), dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
 
 
-def write_sharded(path: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+def write_sharded(path: epath.Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
                   produce: Iterator[np.ndarray], *, max_shard_bytes: int = 5 * 10**9,
-                  metadata: dict | None = None, progress=None) -> list[Path]:
+                  metadata: dict | None = None, progress=None) -> list[epath.Path]:
   """Writes tensors (declared up front, produced one at a time, in order) to safetensors shards.
 
   One shard is written as `model.safetensors`; more get HF's `model-0000i-of-0000n.safetensors`
@@ -150,7 +178,7 @@ def write_sharded(path: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.d
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
-    with open(path / fname, "wb") as f:
+    with (path / fname).open("wb") as f:
       f.write(struct.pack("<Q", len(blob)))
       f.write(blob)
       for name, shape, dtype in shard:

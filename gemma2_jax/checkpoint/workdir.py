@@ -7,16 +7,16 @@ Lets `python -m gemma2_jax.convert --src WORKDIR --to hf` export on demand, and 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
-from gemma2_jax.checkpoint import orbax_io
+from gemma2_jax.checkpoint import native, orbax_io
 from gemma2_jax.checkpoint.errors import CheckpointError
 from gemma2_jax.model.config import ModelConfig
 
 
-def is_workdir(path: Path) -> bool:
+def is_workdir(path: epath.Path) -> bool:
   if not (path / "checkpoints").is_dir() or not (path / "config.json").exists():
     return False
   try:
@@ -25,7 +25,7 @@ def is_workdir(path: Path) -> bool:
     return False
 
 
-def latest_state(path: Path) -> Path:
+def latest_state(path: epath.Path) -> epath.Path:
   # Orbax renames a step directory into place only once its save is finalized: numeric = complete.
   steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
   if not steps:
@@ -33,23 +33,40 @@ def latest_state(path: Path) -> Path:
   return path / "checkpoints" / str(steps[-1]) / "state"
 
 
-def _params_tree(state: Path) -> dict:
+def _params_tree(state: epath.Path) -> dict:
   tree = orbax_io.metadata(state)
   if "params" not in tree:
     raise CheckpointError(f"{state} holds no params")
   return {"params": tree["params"]}
 
 
-def stored_dtype(path: Path) -> np.dtype:
+def stored_dtype(path: epath.Path) -> np.dtype:
   return orbax_io.leaf_dtype(_params_tree(latest_state(path)), ("params", "embedder", "input_embedding"))
 
 
-def load(path: Path, dtype, config: ModelConfig | None = None, progress=None):
-  model = json.loads((path / "config.json").read_text())["model"]
-  cfg = config or ModelConfig.from_dict(model)
+def read_config(path: epath.Path) -> ModelConfig:
+  return ModelConfig.from_dict(json.loads((path / "config.json").read_text())["model"])
+
+
+def _open(path: epath.Path, config: ModelConfig | None) -> tuple[ModelConfig, epath.Path, dict]:
+  cfg = config or read_config(path)
   state = latest_state(path)
-  params = orbax_io.restore(state, _params_tree(state), dtype, partial=True)["params"]
+  tree = _params_tree(state)
+  native.check_tree(state, tree["params"], cfg)
+  return cfg, state, tree
+
+
+def load(path: epath.Path, dtype, config: ModelConfig | None = None, progress=None):
+  cfg, state, tree = _open(path, config)
+  params = orbax_io.restore(state, tree, dtype, partial=True)["params"]
   if progress is not None:
     progress.reset(total=1)
     progress.update(1)
   return cfg, params
+
+
+def load_sharded(path: epath.Path, dtype, shardings, config: ModelConfig | None = None):
+  """Only the params of the newest checkpoint, restored straight onto their target shardings."""
+  cfg, state, tree = _open(path, config)
+  args = {"params": native.sharded_args(cfg, tree["params"], dtype, shardings)}
+  return cfg, orbax_io.restore(state, tree, partial=True, restore_args=args)["params"]
