@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +38,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(cmd: list[str], num_processes: int, devices: int = 1, *, cli: bool = True,
-           extra_env: dict | None = None) -> list[subprocess.Popen]:
-  """Starts `cmd` as processes 0..N-1 of one job (stdout/stderr piped, text)."""
+def launch(cmd: list[str] | Callable[[int], list[str]], num_processes: int, devices: int = 1, *,
+           cli: bool = True, extra_env: dict | None = None) -> list[subprocess.Popen]:
+  """Starts `cmd` (or `cmd(process_id)`) as processes 0..N-1 of one job (stdout/stderr piped)."""
   port = free_port()
   procs = []
   for pid in range(num_processes):
+    argv = cmd(pid) if callable(cmd) else cmd
     flags = [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
              f"--process_id={pid}"] if cli else []
     e = env(devices, MP_COORDINATOR=f"localhost:{port}", MP_NUM_PROCESSES=str(num_processes),
             MP_PROCESS_ID=str(pid), **(extra_env or {}))
-    procs.append(subprocess.Popen([*cmd, *flags], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+    procs.append(subprocess.Popen([*argv, *flags], cwd=ROOT, env=e, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   return procs
 
@@ -81,10 +83,65 @@ def train_cmd(workdir, *overrides: str) -> list[str]:
   return [sys.executable, "-m", "gemma2_jax.train", f"--workdir={workdir}", *TINY_TRAIN, *overrides]
 
 
-def metrics(workdir) -> list[dict]:
-  """Training rows of metrics.jsonl (those with a loss), in order."""
+def losses(workdir) -> dict[int, float]:
+  """step -> training loss from metrics.jsonl (a re-run step overwrites a killed run's value)."""
   rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return [r for r in rows if "loss" in r]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def reference_losses(workdir, devices: int, data_groups: int, *overrides: str) -> dict[int, float]:
+  """The same training run in ONE process on `devices` fake devices (the same global mesh).
+
+  A multi-process run whose batch rows come from `data_groups` data shards is compared against this
+  process feeding the rows of all those shards itself, in group order: the same global batches.
+  """
+  cmd = [sys.executable, "-m", "tests.multiprocess", str(data_groups), f"--workdir={workdir}",
+         *TINY_TRAIN, *overrides]
+  r = subprocess.run(cmd, cwd=ROOT, env=env(devices), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  return losses(workdir)
+
+
+class _Groups:
+  """Concatenates the rows of several data shards' iterators (the reference's global batch)."""
+
+  def __init__(self, iterators):
+    self.iterators = iterators
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    import numpy as np
+
+    batches = [next(it) for it in self.iterators]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return [it.get_state() for it in self.iterators]
+
+  def set_state(self, state):
+    for it, s in zip(self.iterators, state, strict=True):
+      it.set_state(s)
+
+
+def _reference_main(argv):
+  import jax
+
+  from gemma2_jax.data.pipeline import make_train_iterator
+  from gemma2_jax.experiment import apply_overrides, from_config, load_config_file
+  from gemma2_jax.train import parse_args
+  from gemma2_jax.trainer import Trainer
+
+  groups = int(argv[0])
+  args, overrides = parse_args(argv[1:])
+  exp = from_config(apply_overrides(load_config_file(args.config), overrides),
+                    num_devices=jax.device_count())
+  trainer = Trainer(exp, args.workdir)
+  trainer.train_iter = _Groups([make_train_iterator(exp.data_train, process_index=g,
+                                                    process_count=groups, **trainer.data_kw)
+                                for g in range(groups)])
+  trainer.run()
 
 
 def worker_init():
@@ -93,3 +150,7 @@ def worker_init():
 
   jax.distributed.initialize(os.environ["MP_COORDINATOR"], int(os.environ["MP_NUM_PROCESSES"]),
                              int(os.environ["MP_PROCESS_ID"]))
+
+
+if __name__ == "__main__":
+  _reference_main(sys.argv[1:])

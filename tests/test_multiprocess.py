@@ -1,56 +1,108 @@
-"""A real 2-process run (jax.distributed + gloo on CPU): sharded data, checkpoints, resume rules."""
+"""Real multi-process runs (jax.distributed + gloo on CPU) where mesh axes cross processes, as on a pod:
+losses equal one process on the same global mesh, kill -9 + re-run is bit-identical, a preemption
+notice on one host stops every host at the same step, a lost process stops the others with one line.
+"""
 
 import json
-import os
-import socket
+import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
 
-ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--config=configs/pretrain_tiny.py", "--config.train.log_every=1", "--config.train.eval_every=0",
-        "--config.train.progress_bar=False", "--config.checkpoint.save_every=2",
-        "--config.checkpoint.export_hf=False", "--config.train.seq_len=64",
-        "--config.model.num_layers=2", "--config.train.eval_batches=1"]
+import pytest
 
+from tests import multiprocess as mp
 
-def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+STEPS = 6
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def _assert_close(got: dict, want: dict, rel=1e-5):
+  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+  for step in want:
+    assert abs(got[step] - want[step]) <= rel * abs(want[step]), (step, got[step], want[step])
 
 
-def run_two_processes(workdir, steps):
-  port = _free_port()
-  procs = [subprocess.Popen(
-    [sys.executable, "-m", "gemma2_jax.train", f"--workdir={workdir}", *ARGS,
-     f"--config.train.steps={steps}", f"--coordinator_address=localhost:{port}",
-     "--num_processes=2", f"--process_id={pid}"], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE, text=True) for pid in range(2)]
-  outs = [p.communicate(timeout=400) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
-  return outs
+def _run_and_compare(tmp_path, num_processes, devices, data_groups, *mesh):
+  """The multi-process run vs the same run in one process with the same global mesh."""
+  overrides = (f"--config.train.steps={STEPS}", *mesh)
+  mp.run(mp.train_cmd(tmp_path / "multi", *overrides), num_processes, devices)
+  want = mp.reference_losses(tmp_path / "single", num_processes * devices, data_groups, *overrides)
+  got = mp.losses(tmp_path / "multi")
+  _assert_close(got, want)
+  return got
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
-  run_two_processes(tmp_path, 4)
-  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # written by process 0 only
-  data = sorted(p.name for p in (tmp_path / "checkpoints" / "4" / "data").iterdir()
-                if p.suffix == ".json")
-  assert data == ["process_0-of-2.json", "process_1-of-2.json"]
-  run_two_processes(tmp_path, 6)
-  assert json.loads((tmp_path / "summary.json").read_text())["start_step"] == 4
-  # One process cannot take over two processes' data streams silently.
-  r = subprocess.run([sys.executable, "-m", "gemma2_jax.train", f"--workdir={tmp_path}", *ARGS,
-                      "--config.train.steps=8"], cwd=ROOT, env=_env(4), capture_output=True,
-                     text=True, timeout=300)
+def test_tensor_across_processes_matches_one_process_and_survives_a_lost_peer(tmp_path):
+  """tensor=2 over 2 processes (a batch shard spanning hosts): both processes feed the same rows.
+
+  Then process 1 is SIGKILLed mid-run: process 0 stops within 30 s with one line naming it, and
+  re-running the same command resumes from the last checkpoint bit-identically.
+  """
+  mesh = ("--config.mesh.fsdp=1", "--config.mesh.tensor=2")
+  uninterrupted = _run_and_compare(tmp_path, 2, 1, 1, *mesh)
+
+  workdir = tmp_path / "killed"
+  overrides = (f"--config.train.steps={STEPS}", *mesh)
+  kill = [sys.executable, "tests/run_with_kill.py", "after_step", "3", "--"]
+  procs = mp.launch(lambda pid: [*(kill if pid == 1 else [sys.executable, "-m"]),
+                                 *(["gemma2_jax.train"] if pid == 0 else []),
+                                 f"--workdir={workdir}", *mp.TINY_TRAIN, *overrides], 2)
+  start = time.monotonic()
+  (rc0, _, err0), (rc1, _, _) = mp.wait(procs, 300)
+  assert rc1 != 0
+  assert rc0 not in (0, None) and time.monotonic() - start < 60, rc0
+  last = err0.strip().splitlines()[-1]
+  assert last.startswith("error: lost process 1 of this job"), err0[-2000:]
+  assert "re-run the same command" in last
+  saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert saved in ([], [2])  # the async save of step 2 may or may not have finished
+
+  mp.run(mp.train_cmd(workdir, *overrides), 2)
+  assert json.loads((workdir / "summary.json").read_text())["start_step"] == max(saved, default=0)
+  assert mp.losses(workdir) == uninterrupted  # bit-identical, every step
+
+
+def test_preemption_notice_on_one_host_stops_all_at_one_step(tmp_path):
+  """SIGTERM to process 1 only: both processes save the same step and exit 0; the re-run resumes."""
+  workdir = tmp_path / "run"
+  overrides = ("--config.train.steps=1000", "--config.checkpoint.save_every=0")
+  procs = mp.launch(mp.train_cmd(workdir, *overrides), 2)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and (
+      time.monotonic() < deadline):
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  results = mp.wait(procs, 120)
+  for rc, _, err in results:
+    assert rc == 0, err[-3000:]
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 1000
+  saved = sorted(p.name for p in (workdir / "checkpoints" / str(steps[0]) / "data").iterdir()
+                 if p.suffix == ".json")
+  assert saved == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert f"preempted at step {steps[0]}" in results[0][1]
+  mp.run(mp.train_cmd(workdir, f"--config.train.steps={steps[0] + 2}"), 2)
+  assert json.loads((workdir / "summary.json").read_text())["start_step"] == steps[0]
+
+
+def test_process_count_change_is_refused_with_the_way_forward(tmp_path):
+  mp.run(mp.train_cmd(tmp_path, "--config.train.steps=2"), 2)
+  r = subprocess.run([*mp.train_cmd(tmp_path, "--config.train.steps=4")], cwd=mp.ROOT,
+                     env=mp.env(2), capture_output=True, text=True, timeout=300)
   assert r.returncode == 1
   assert "data-iterator state of 2 processes but this run has 1" in r.stderr
   assert "checkpoint.restore_data=False" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("axis", ["fsdp", "data"])
+def test_batch_axis_across_processes_matches_one_process(tmp_path, axis):
+  _run_and_compare(tmp_path, 2, 1, 2, "--config.mesh.fsdp=1", f"--config.mesh.{axis}=2")
+
+
+@pytest.mark.slow
+def test_four_processes_fsdp_across_tensor_inside(tmp_path):
+  _run_and_compare(tmp_path, 4, 2, 4, "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+                   "--config.train.global_batch=8")
+
