@@ -247,3 +247,24 @@ def test_trainer_learns_from_offline_records(setup, tmp_path):
   assert all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in rows)
   assert rows[-1]["kd"] < rows[0]["kd"]
   assert {"kl_t1", "top1_agreement", "teacher_ce"} <= set(summary)
+
+
+def test_hf_teacher_with_real_rows_only(tmp_path):
+  """An HF teacher stores only the real vocab rows (256000 of 256128): teacher_logits pads it."""
+  cfg = tiny(vocab_size=1032, num_real_tokens=1024, num_layers=2)
+  teacher = save_model(Transformer(cfg, rngs=nnx.Rngs(params=3)), tmp_path / "teacher", format="hf")
+  assert json.loads((teacher / "config.json").read_text())["vocab_size"] == 1024
+  config = tmp_path / "cfg.py"
+  config.write_text(CONFIG.format(base=str(REPO / "configs" / "pretrain_tiny.py"), seq_len=SEQ_LEN,
+                                  batch=BATCH, paths=str(DATA / "ko" / "1809894.txt"),
+                                  teacher=str(teacher)))
+  out = tmp_path / "topk"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "gemma2_jax.teacher_logits", f"--config={config}",
+                         f"--output_dir={out}", "--topk=16", "--no_progress", "--max_rows=8",
+                         "--config.model.vocab_size=1032", "--config.model.num_real_tokens=1024"],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  b = next(make_offline_iterator(str(out), global_batch=8, seq_len=SEQ_LEN, shuffle=False,
+                                 process_index=0, process_count=1))
+  assert b["topk_ids"].max() < 1024  # the padding rows are masked out of the teacher's logits
