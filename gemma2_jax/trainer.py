@@ -123,8 +123,11 @@ def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | No
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if exp.train.nonfinite == "skip":
-      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-      new = new.replace(step=state.step + 1)
+      # A skipped step keeps params and moments but still counts (the step, and optax's counts that
+      # drive its schedule): the learning rate applied stays the one logged for that step.
+      new = jax.tree.map(
+        lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o),
+        new, state)
     metrics = {"loss": loss, "ce": sums["nll"] / weight, "accuracy": sums["correct"] / weight,
                "tokens": sums["weight"], "grad_norm": grad_norm,
                "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32)}

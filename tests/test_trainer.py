@@ -137,6 +137,11 @@ def test_nonfinite_skip_keeps_params():
   new, metrics = jax.jit(make_train_step(exp, tx, schedule))(bad, to_global(batch, sh))
   assert metrics["finite"] == 0 and int(new.step) == 1
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), new.params, before)
+  # Optax's step counts (which drive its schedule) advance with the step: logged lr == applied lr.
+  counts = [int(c) for c in jax.tree.leaves(new.opt_state) if np.issubdtype(c.dtype, np.integer)]
+  assert counts and all(c == 1 for c in counts), counts
+  moments = [x for x in jax.tree.leaves(new.opt_state) if np.issubdtype(x.dtype, np.floating)]
+  assert all(not np.asarray(x).any() for x in moments)  # Adam's moments untouched (still zero)
 
 
 def test_trainer_stops_on_divergence(tmp_path):
