@@ -29,8 +29,8 @@ def teacher_model_config(exp):
   from gemma2_jax.trainer import teacher_runtime_config
 
   t = exp.teacher
-  if t.preset:
-    cfg = get_preset(t.preset)
+  if t.preset:  # shapes only: the vocab is the student's (one tokenizer; the presets' is 256128)
+    cfg = get_preset(t.preset).replace(vocab_size=exp.model.vocab_size)
   else:
     try:
       cfg = checkpoint.read_config(t.checkpoint)
@@ -40,22 +40,16 @@ def teacher_model_config(exp):
   return teacher_runtime_config(exp, cfg)
 
 
-def compile_step(exp, devices):
-  """Lowers and compiles make_train_step for `devices`; returns the compiled executable."""
+def _abstract_inputs(exp, devices):
+  """Mesh, shardings, abstract train state and batch (with the config's shardings), teacher."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
 
   from gemma2_jax.model.transformer import param_shapes
   from gemma2_jax.optim import make_optimizer
-  from gemma2_jax.sharding import activation_sharding, logical_to_spec, make_mesh
-  from gemma2_jax.trainer import (
-    TOPK_KEYS,
-    abstract_state,
-    make_train_step,
-    state_shardings,
-    teacher_shardings,
-  )
+  from gemma2_jax.sharding import logical_to_spec, make_mesh
+  from gemma2_jax.trainer import TOPK_KEYS, abstract_state, state_shardings, teacher_shardings
 
   mesh = make_mesh(exp.mesh, devices)
   tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
@@ -64,7 +58,7 @@ def compile_step(exp, devices):
   state = abstract_state(exp, tx, sh)
   B, T = exp.train.global_batch, exp.train.seq_len
   batch = {k: S((B, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh.batch)
-           for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
+           for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask", "target_bytes")}
   teacher_cfg = teacher = None
   if exp.distill_mode == "online":
     teacher_cfg = teacher_model_config(exp)
@@ -76,11 +70,56 @@ def compile_step(exp, devices):
     spec = NamedSharding(mesh, logical_to_spec(("batch", "length", None), exp.rules))
     batch |= {TOPK_KEYS[0]: S((B, T, k), jnp.float32, sharding=spec),
               TOPK_KEYS[1]: S((B, T, k), jnp.int32, sharding=spec)}
+  return mesh, tx, schedule, sh, state, batch, teacher_cfg, teacher
+
+
+def compile_step(exp, devices):
+  """Lowers and compiles make_train_step for `devices`; returns the compiled executable."""
+  import jax
+
+  from gemma2_jax.sharding import activation_sharding
+  from gemma2_jax.trainer import BATCH_KEYS, TOPK_KEYS, make_train_step
+
+  mesh, tx, schedule, sh, state, batch, teacher_cfg, teacher = _abstract_inputs(exp, devices)
+  batch = {k: v for k, v in batch.items() if k in BATCH_KEYS + TOPK_KEYS}
   step = make_train_step(exp, tx, schedule, teacher_cfg)
   with activation_sharding(mesh, exp.rules):
     lowered = jax.jit(step, out_shardings=(sh.state, sh.replicated), donate_argnums=0).lower(
       state, batch, teacher)
   return lowered.compile()
+
+
+def compile_eval_step(exp, devices):
+  """Lowers and compiles the eval step (the trainer's shardings) for `devices`."""
+  import jax
+
+  from gemma2_jax.sharding import activation_sharding
+  from gemma2_jax.trainer import BATCH_KEYS, make_eval_step
+
+  mesh, _, _, sh, state, batch, _, _ = _abstract_inputs(exp, devices)
+  batch = {k: v for k, v in batch.items() if k in (*BATCH_KEYS, "target_bytes")}
+  with activation_sharding(mesh, exp.rules):
+    lowered = jax.jit(make_eval_step(exp), out_shardings=sh.replicated).lower(state.params, batch)
+  return lowered.compile()
+
+
+def peak_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def host_plan(exp, devices) -> str:
+  """Which batch rows each host feeds on this topology (data groups; see sharding.data_group)."""
+  from gemma2_jax.optim import make_optimizer
+  from gemma2_jax.sharding import make_mesh, process_row_blocks
+  from gemma2_jax.trainer import state_shardings
+
+  sh = state_shardings(exp, make_mesh(exp.mesh, devices), make_optimizer(exp.optimizer, 1)[0])
+  blocks = process_row_blocks(sh.batch, exp.train.global_batch)
+  groups = len(set(blocks.values()))
+  rows = sum(b - a for a, b in next(iter(blocks.values())))
+  return (f"hosts: {len(blocks)} in {groups} data groups; each host feeds {rows} of "
+          f"{exp.train.global_batch} rows per step ({len(blocks) // groups} hosts per group)")
 
 
 def main(argv=None) -> int:
@@ -103,29 +142,40 @@ def main(argv=None) -> int:
     return 1
   devices = topology.devices
   processes = len({d.process_index for d in devices})
+  parts = {"train step": compile_step, "eval step": compile_eval_step}
+  compiled = {}
   try:
     exp = from_config(apply_overrides(load_config_file(args.config), overrides),
                       num_devices=len(devices))
-    compiled = compile_step(exp, devices)
+    for name, compile_fn in parts.items():
+      try:
+        compiled[name] = compile_fn(exp, devices)
+      except Exception as e:  # XLA refuses at compile time a program that cannot fit the chip's HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        print(f"{args.config} on {args.topology}: {name} DOES NOT FIT: {' '.join(str(e).split())[:400]}")
+        return 1
   except (ConfigError, CheckpointError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
-  except Exception as e:  # XLA refuses at compile time a program that cannot fit the chip's HBM
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    print(f"{args.config} on {args.topology}: DOES NOT FIT: {' '.join(str(e).split())[:400]}")
-    return 1
-  m = compiled.memory_analysis()
   kind = devices[0].device_kind
-  total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
   hbm = HBM_GIB.get(kind)
   print(f"{args.config} on {args.topology} ({len(devices)} x {kind}, {processes} hosts), mesh {exp.mesh}, "
         f"mode {exp.distill_mode}, B={exp.train.global_batch} T={exp.train.seq_len}")
-  print(f"per chip: arguments {m.argument_size_in_bytes / GiB:.2f} GiB, outputs "
-        f"{m.output_size_in_bytes / GiB:.2f} GiB (aliased {m.alias_size_in_bytes / GiB:.2f}), temporaries "
-        f"{m.temp_size_in_bytes / GiB:.2f} GiB -> peak {total / GiB:.2f} GiB"
-        + (f" of {hbm} GiB HBM: {'fits' if total <= hbm * GiB else 'DOES NOT FIT'}" if hbm else ""))
-  return 0 if hbm is None or total <= hbm * GiB else 1
+  print(host_plan(exp, devices))
+  too_big = None
+  for name, c in compiled.items():
+    m, total = c.memory_analysis(), peak_bytes(c)
+    fits = hbm is None or total <= hbm * GiB
+    too_big = too_big or (None if fits else name)
+    print(f"{name} per chip: arguments {m.argument_size_in_bytes / GiB:.2f} GiB, outputs "
+          f"{m.output_size_in_bytes / GiB:.2f} GiB (aliased {m.alias_size_in_bytes / GiB:.2f}), "
+          f"temporaries {m.temp_size_in_bytes / GiB:.2f} GiB -> peak {total / GiB:.2f} GiB"
+          + (f" of {hbm} GiB HBM: {'fits' if fits else 'DOES NOT FIT'}" if hbm else ""))
+  if too_big:
+    print(f"error: the {too_big} does not fit {kind} HBM on {args.topology}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":

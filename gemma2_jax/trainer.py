@@ -91,6 +91,21 @@ def make_objective(exp: Experiment, teacher_cfg: ModelConfig | None = None):
   return objective
 
 
+def sum_over_micro_batches(fn, batch: dict, k: int):
+  """sum_i fn(micro-batch i) over k micro-batches, one at a time (activation memory of one).
+
+  Row j*k + i goes to micro-batch i, so every micro-batch is spread over all batch shards.
+  """
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
+
+  def accumulate(carry, micro_batch):
+    return jax.tree.map(jnp.add, carry, fn(micro_batch)), None
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro)))
+  return jax.lax.scan(accumulate, zeros, micro)[0]
+
+
 def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | None = None):
   """(state, batch, teacher_params) -> (state, metrics); batch leaves are [global_batch, T, ...].
 
@@ -100,20 +115,12 @@ def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | No
   objective = make_objective(exp, teacher_cfg)
 
   def train_step(state: TrainState, batch: dict, teacher_params=None):
-    # Row j*k + i goes to micro-batch i, so every micro-batch is spread over all batch shards.
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
-
     def grads_and_sums(micro_batch):
       (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch,
                                                               teacher_params, state.step)
       return g, s
 
-    def accumulate(carry, micro_batch):
-      return jax.tree.map(jnp.add, carry, grads_and_sums(micro_batch)), None
-
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grads_and_sums, jax.tree.map(lambda x: x[0], micro)))
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+    grads, sums = sum_over_micro_batches(grads_and_sums, batch, k)
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)  # token-weighted mean over the whole batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -177,10 +184,14 @@ def load_teacher(exp: Experiment, mesh) -> tuple[ModelConfig, dict]:
 
 
 def make_eval_step(exp: Experiment):
+  """(params, batch) -> summed eval statistics, in the train step's micro-batches (its memory)."""
   def eval_step(params, batch):
-    sums = loss_sums(exp.model, params, batch, chunk=exp.train.loss_chunk, z_loss=0.0)
-    return {"nll": sums["nll"], "weight": sums["weight"], "correct": sums["correct"],
-            "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32))}
+    def sums(micro_batch):
+      s = loss_sums(exp.model, params, micro_batch, chunk=exp.train.loss_chunk, z_loss=0.0)
+      return {"nll": s["nll"], "weight": s["weight"], "correct": s["correct"],
+              "bytes": jnp.sum(micro_batch["target_bytes"].astype(jnp.float32))}
+
+    return sum_over_micro_batches(sums, batch, exp.train.grad_accum_steps)
   return eval_step
 
 

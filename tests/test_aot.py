@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from gemma2_jax.aot import compile_step
+from gemma2_jax.aot import compile_eval_step, compile_step, peak_bytes
 from gemma2_jax.experiment import TeacherConfig
 from gemma2_jax.losses import DistillConfig
 from tests.test_trainer import ROOT, _experiment, tiny_experiment
@@ -27,6 +27,17 @@ def test_step_compiles_from_shapes_alone_on_a_mesh(mode):
   compiled = compile_step(exp, jax.devices()[:8])
   m = compiled.memory_analysis()
   assert m.argument_size_in_bytes > 0 and m.temp_size_in_bytes > 0
+
+
+def test_eval_runs_in_the_train_steps_micro_batches():
+  """Eval of a whole global batch in one forward needed 2.4x the train step's temporaries; in the
+  train step's micro-batches it needs no more than the train step."""
+  exp = _experiment(tiny_experiment(), 8)
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 4, "tensor": 2},
+                            train=dataclasses.replace(exp.train, global_batch=32, grad_accum_steps=4))
+  train, evaluate = compile_step(exp, jax.devices()[:8]), compile_eval_step(exp, jax.devices()[:8])
+  assert evaluate.memory_analysis().temp_size_in_bytes <= train.memory_analysis().temp_size_in_bytes
+  assert peak_bytes(evaluate) <= peak_bytes(train)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed")
