@@ -158,7 +158,7 @@ def data_group(sharding: NamedSharding, global_batch: int, process_index: int | 
   per_process = process_row_blocks(sharding, global_batch)
   groups = sorted(set(per_process.values()))
   rows_of = [{r for start, stop in g for r in range(start, stop)} for g in groups]
-  if len({len(r) for r in rows_of}) != 1 or len(set().union(*rows_of)) != global_batch:
+  if len({len(r) for r in rows_of}) != 1 or sum(map(len, rows_of)) != global_batch:
     raise ValueError(
       f"the batch sharding {sharding.spec} gives processes overlapping or unequal row sets "
       f"({per_process}); make the batch axes (dcn, data, fsdp) split hosts evenly")

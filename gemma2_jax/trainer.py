@@ -19,10 +19,11 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gemma2_jax import checkpoint, flops
+from gemma2_jax import checkpoint, flops, paths
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
 from gemma2_jax.experiment import Experiment, dataclass_defaults
 from gemma2_jax.losses import cross_entropy_sums, distill_schedule, distill_sums, topk_distill_sums
+from gemma2_jax.metrics import MetricsWriter
 from gemma2_jax.model.config import ModelConfig, get_preset
 from gemma2_jax.model.transformer import LOGICAL_AXES, forward_hidden, init_params, param_shapes
 from gemma2_jax.optim import global_norm, make_optimizer
@@ -247,37 +248,10 @@ def to_global(batch: dict, sh: Shardings) -> dict:
   return {k: host_to_global(np.asarray(v), sh.batch) for k, v in batch.items()}
 
 
-class MetricsWriter:
-  """metrics.jsonl + TensorBoard event files in the workdir (process 0 only)."""
-
-  def __init__(self, workdir: epath.Path):
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    from tensorboardX import SummaryWriter
-    workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")
-    self._tb = SummaryWriter(str(workdir / "tensorboard"))
-
-  def write(self, step: int, metrics: dict):
-    if not self.enabled:
-      return
-    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      self._tb.add_scalar(k, float(v), step)
-
-  def close(self):
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-
-
 class Trainer:
   def __init__(self, exp: Experiment, workdir: str | os.PathLike):
     self.exp = exp
-    self.workdir = epath.Path(workdir)
+    self.workdir = paths.as_path(workdir)
     if exp.init_from:
       checkpoint.detect_format(exp.init_from)  # a wrong path fails here, before the workdir is touched
     self.mesh = make_mesh(exp.mesh)
@@ -489,12 +463,48 @@ def abstract_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
                       shapes, sh.state)
 
 
+class _OneSliceAtATime:
+  """A sharded param whose `[index]` (or whole value) is gathered only when the writer asks for it.
+
+  Each request replicates just that slice (one layer's tensor) and copies it to the host, so an
+  export holds one tensor in host RAM and on each device, never the whole model. Every process makes
+  the same requests in the same order (they are collectives); only process 0 writes.
+  """
+
+  def __init__(self, x: jax.Array):
+    self._x = x
+    self.shape, self.dtype = x.shape, x.dtype
+    # The index is traced: one compile per parameter, not one per layer.
+    self._take = jax.jit(lambda x, idx: x[tuple(idx)],
+                         out_shardings=NamedSharding(x.sharding.mesh, PartitionSpec()))
+
+  def _fetch(self, index):
+    return np.asarray(self._take(self._x, np.asarray(index, np.int32)).addressable_data(0))
+
+  def __getitem__(self, index):
+    return self._fetch(index)
+
+  def __array__(self, dtype=None, copy=None):
+    out = self._fetch(())
+    return out if dtype is None else out.astype(dtype)
+
+
 def export_hf(params: dict, model_cfg: ModelConfig, path: epath.Path) -> epath.Path:
-  """Gathers the (sharded) params to process 0, which writes them as HF safetensors."""
+  """Writes the (sharded) params as HF safetensors from process 0, tensor by tensor."""
   from jax.experimental import multihost_utils
-  host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
-  if jax.process_index() == 0 and not path.exists():  # a finished run re-run: already exported
-    checkpoint.save_params(host, model_cfg, path, "hf")
+
+  from gemma2_jax import distributed
+
+  # One decision for all processes (each one's view of a local path may differ).
+  exists = bool(multihost_utils.broadcast_one_to_all(np.int32(path.exists())))
+  if exists:  # a finished run re-run: already exported
+    return path
+  lazy = jax.tree.map(_OneSliceAtATime, params)
+  if jax.process_index() == 0:
+    checkpoint.save_params(lazy, model_cfg, path, "hf")
+  else:
+    checkpoint.export_collectives(lazy, model_cfg, "hf")
+  distributed.barrier("export_hf", timeout_s=3 * 3600)  # the others wait for the write to end
   return path
 
 

@@ -2,8 +2,9 @@
 
   python tests/run_with_kill.py MODE STEP -- <train args>
 MODE: `after_step` (killed when the batch for STEP+1 is requested, i.e. mid-run with no save in
-flight) or `during_save` (killed right after the async save of STEP was started, before it is
-finalized). Used by tests/test_resume.py; never by the library.
+flight), `during_save` (killed right after the async save of STEP was started, before it is
+finalized) or `raise_after_step` (a RuntimeError instead of the kill: a bug on one host).
+Used by tests/test_resume.py and tests/test_multiprocess.py; never by the library.
 """
 
 import os
@@ -26,13 +27,15 @@ def main():
         os.kill(os.getpid(), signal.SIGKILL)
 
     TrainCheckpointer.save = save
-  elif mode == "after_step":
+  elif mode in ("after_step", "raise_after_step"):
     original_to_global = trainer.to_global
     calls = {"n": 0}
 
     def to_global(batch, sh):
       if batch.get("tokens") is not None and len(batch) == len(trainer.BATCH_KEYS):
         if calls["n"] == step:
+          if mode == "raise_after_step":
+            raise RuntimeError(f"injected failure before step {step + 1}")
           os.kill(os.getpid(), signal.SIGKILL)
         calls["n"] += 1
       return original_to_global(batch, sh)

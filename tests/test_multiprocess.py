@@ -44,8 +44,7 @@ def test_tensor_across_processes_matches_one_process_and_survives_a_lost_peer(tm
   workdir = tmp_path / "killed"
   overrides = (f"--config.train.steps={STEPS}", *mesh)
   kill = [sys.executable, "tests/run_with_kill.py", "after_step", "3", "--"]
-  procs = mp.launch(lambda pid: [*(kill if pid == 1 else [sys.executable, "-m"]),
-                                 *(["gemma2_jax.train"] if pid == 0 else []),
+  procs = mp.launch(lambda pid: [*(kill if pid == 1 else [sys.executable, "-m", "gemma2_jax.train"]),
                                  f"--workdir={workdir}", *mp.TINY_TRAIN, *overrides], 2)
   start = time.monotonic()
   (rc0, _, err0), (rc1, _, _) = mp.wait(procs, 300)
@@ -60,6 +59,23 @@ def test_tensor_across_processes_matches_one_process_and_survives_a_lost_peer(tm
   mp.run(mp.train_cmd(workdir, *overrides), 2)
   assert json.loads((workdir / "summary.json").read_text())["start_step"] == max(saved, default=0)
   assert mp.losses(workdir) == uninterrupted  # bit-identical, every step
+
+
+def test_an_error_on_one_host_stops_every_host_naming_it(tmp_path):
+  """An unexpected exception on process 1 only: it ends with its error line, and process 0 (which
+  would otherwise wait in a collective or the runtime's shutdown barrier) names it and its error."""
+  kill = [sys.executable, "tests/run_with_kill.py", "raise_after_step", "2", "--"]
+  procs = mp.launch(lambda pid: [*(kill if pid == 1 else [sys.executable, "-m", "gemma2_jax.train"]),
+                                 f"--workdir={tmp_path}", *mp.TINY_TRAIN,
+                                 f"--config.train.steps={STEPS}"], 2)
+  start = time.monotonic()
+  (rc0, _, err0), (rc1, _, err1) = mp.wait(procs, 300)
+  assert time.monotonic() - start < 120
+  assert rc1 == 1 and "Traceback" in err1
+  assert err1.strip().splitlines()[-1].startswith("error: RuntimeError: injected failure before step 3")
+  assert rc0 == 3
+  last = err0.strip().splitlines()[-1]
+  assert last.startswith("error: lost process 1 of this job (it stopped with: error: RuntimeError"), last
 
 
 def test_preemption_notice_on_one_host_stops_all_at_one_step(tmp_path):

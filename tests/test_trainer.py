@@ -182,3 +182,24 @@ def test_workdir_written_before_a_new_model_field_still_resumes(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(old))
   with pytest.raises(CheckpointError, match="model.d_model"):
     Trainer._check_workdir(SimpleNamespace(exp=exp, workdir=tmp_path))
+
+
+def test_export_hf_from_sharded_params_tensor_by_tensor(tmp_path, monkeypatch):
+  """The end-of-run export writes the sharded params exactly, one tensor at a time (a layer's slice),
+  never by process_allgather of whole parameters (the whole model on every chip and host)."""
+  from etils import epath
+  from jax.experimental import multihost_utils
+
+  from gemma2_jax.checkpoint import load_params
+  from gemma2_jax.trainer import export_hf
+
+  exp = _experiment(tiny_experiment(), 8)
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 4, "tensor": 2})
+  mesh = make_mesh(exp.mesh, jax.devices()[:8])
+  tx, _ = make_optimizer(exp.optimizer, exp.train.steps)
+  state = init_state(exp, tx, state_shardings(exp, mesh, tx))
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda *a, **k: pytest.fail("export gathered a whole parameter"))
+  path = export_hf(state.params, exp.model, epath.Path(tmp_path / "hf"))
+  _, loaded = load_params(path, "float32", config=exp.model)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, loaded)

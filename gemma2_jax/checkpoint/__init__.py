@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from gemma2_jax import paths
 from gemma2_jax.checkpoint import hf, kaggle, native, workdir
 from gemma2_jax.checkpoint.errors import CheckpointError
+from gemma2_jax.checkpoint.mapping import export_tensors
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import Transformer
 
@@ -112,9 +114,8 @@ def save_params(params: dict, cfg: ModelConfig, path: str | os.PathLike, format:
   """
   if format not in FORMATS:
     raise CheckpointError(f"unknown format {format!r}; choose one of {FORMATS}")
-  if "://" in str(path):  # the temporary directory and atomic rename below are local operations
-    raise CheckpointError(f"cannot write a checkpoint to {path}: only local paths are supported "
-                          "(write locally, then copy)")
+  if paths.is_remote(path):
+    return _save_remote(params, cfg, epath.Path(path), format, dtype, progress=progress, **kwargs)
   path = Path(path)
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise CheckpointError(f"output path {path} already exists and is not empty; choose a new "
@@ -130,6 +131,35 @@ def save_params(params: dict, cfg: ModelConfig, path: str | os.PathLike, format:
     os.replace(tmp, path)
   finally:
     shutil.rmtree(tmp_parent, ignore_errors=True)
+  return path
+
+
+def export_collectives(params: dict, cfg: ModelConfig, format: str = "hf"):
+  """Reads every tensor of `params` in the order `save_params(..., format)` writes them, writing
+  nothing: the other processes' side of a process-0 export whose reads are collectives."""
+  for _ in export_tensors(cfg, _MODULES[format].entries(cfg), params, np.float32, cfg.vocab_size)[1]:
+    pass
+
+
+# Files whose presence makes a directory a checkpoint (see detect_format): uploaded last.
+_MARKERS = ("config.json", native.MARKER, "_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
+
+
+def _save_remote(params, cfg, path: epath.Path, format, dtype, **kwargs) -> epath.Path:
+  """A bucket has no atomic rename: write locally, then upload file by file with the files that
+  mark a checkpoint last, so an interrupted upload is never taken for a checkpoint."""
+  if path.exists() and any(path.iterdir()):
+    raise CheckpointError(f"output path {path} already exists and is not empty; choose a new "
+                          "directory (existing checkpoints are never overwritten)")
+  with tempfile.TemporaryDirectory(prefix="gemma2_jax-export-") as tmp:
+    local = save_params(params, cfg, Path(tmp) / "out", format, dtype, **kwargs)
+    files = sorted((f for f in local.rglob("*") if f.is_file()),
+                   key=lambda f: (f.name in _MARKERS, str(f)))
+    for f in files:
+      target = path / str(f.relative_to(local))
+      target.parent.mkdir(parents=True, exist_ok=True)
+      with open(f, "rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 64 << 20)
   return path
 
 

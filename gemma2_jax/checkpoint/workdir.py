@@ -26,8 +26,12 @@ def is_workdir(path: epath.Path) -> bool:
 
 
 def latest_state(path: epath.Path) -> epath.Path:
-  # Orbax renames a step directory into place only once its save is finalized: numeric = complete.
-  steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+  # Locally Orbax renames a step directory into place once its save is finalized; in a bucket it
+  # writes in place and marks the step complete at the end: ask Orbax, not the name.
+  import orbax.checkpoint as ocp
+
+  steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir()
+                 if p.name.isdigit() and ocp.path.step.is_checkpoint_finalized(p))
   if not steps:
     raise CheckpointError(f"workdir {path} has no complete checkpoint yet")
   return path / "checkpoints" / str(steps[-1]) / "state"

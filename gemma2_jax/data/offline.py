@@ -36,7 +36,7 @@ counts and the measured quantization error.
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import math
 import os
@@ -49,6 +49,7 @@ import numpy as np
 
 from gemma2_jax.data.pipeline import _from_json, model_batch  # the pipeline's own derivations
 from gemma2_jax.data.sources import DataError
+from gemma2_jax.paths import as_path, glob, is_remote
 
 FORMAT = "gemma2_jax.teacher_topk"
 VERSION = 1
@@ -204,6 +205,11 @@ class TopKWriter:
     if not 1 <= k <= vocab_size:
       raise ValueError(f"k must be in [1, vocab_size={vocab_size}], got {k}")
     self.dir = os.fspath(output_dir)
+    if is_remote(self.dir):
+      # array_record writes local files only (its bundled GCS client reads, it does not write).
+      raise ValueError(f"output_dir {self.dir}: teacher top-k records are written to a local "
+                       "directory (or a gcsfuse mount); copy it to the bucket afterwards, the trainer "
+                       "reads gs:// directly")
     os.makedirs(self.dir, exist_ok=True)
     self.codec = _Codec(seq_len=seq_len, k=k, vocab_size=vocab_size, logprob_bits=logprob_bits,
                         logprob_min=logprob_min)
@@ -310,11 +316,10 @@ def packed_rows(cfg, tokenizer_path, *, vocab_size: int | None = None,
 
 
 def _read_meta(directory: str) -> dict:
-  path = os.path.join(directory, "meta.json")
-  if not os.path.exists(path):
+  path = as_path(directory) / "meta.json"
+  if not path.exists():
     raise DataError(f"no meta.json in {directory}: not a finished teacher_logits output")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = json.loads(path.read_text())
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
     raise DataError(f"{path} is not a {FORMAT} v{VERSION} meta.json (format={meta.get('format')!r}, "
                     f"version={meta.get('version')!r})")
@@ -322,7 +327,8 @@ def _read_meta(directory: str) -> dict:
 
 
 def resolve_shards(paths: str | Sequence[str]) -> tuple[list[str], dict, np.ndarray]:
-  """Directories / globs (a comma-separated string or a sequence) -> (shard files, meta, piece bytes).
+  """Directories / globs (a comma-separated string or a sequence), local or gs://, -> (shard files,
+  meta, piece bytes).
 
   Every directory involved must hold a meta.json with the same k, seq_len, vocabulary, bit layout and
   tokenizer.
@@ -333,10 +339,10 @@ def resolve_shards(paths: str | Sequence[str]) -> tuple[list[str], dict, np.ndar
     raise DataError("no teacher top-k paths given")
   files: list[str] = []
   for p in paths:
-    if os.path.isdir(p):
-      found = sorted(glob.glob(os.path.join(p, SHARD_PREFIX + "*")))
+    if as_path(p).is_dir():
+      found = glob(os.path.join(p, SHARD_PREFIX + "*"))
     else:
-      found = sorted(f for f in glob.glob(p) if os.path.basename(f).startswith(SHARD_PREFIX))
+      found = [f for f in glob(p) if os.path.basename(f).startswith(SHARD_PREFIX)]
     if not found:
       raise DataError(f"no teacher top-k shards ({SHARD_PREFIX}*) at {p!r}")
     files += found
@@ -348,7 +354,7 @@ def resolve_shards(paths: str | Sequence[str]) -> tuple[list[str], dict, np.ndar
       a, b = (_layout(meta), _layout(m)) if key == "quantization" else (meta.get(key), m.get(key))
       if a != b:
         raise DataError(f"teacher top-k directories disagree on {key}: {first_dir} has {a}, {d} has {b}")
-  piece_bytes = np.load(os.path.join(first_dir, "piece_bytes.npy"))
+  piece_bytes = np.load(io.BytesIO((as_path(first_dir) / "piece_bytes.npy").read_bytes()))
   return files, meta, piece_bytes
 
 

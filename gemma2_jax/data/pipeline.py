@@ -38,6 +38,7 @@ import numpy as np
 from gemma2_jax.data.config import DataConfig
 from gemma2_jax.data.sources import STATS, ArrayRecordTokensSource, DataError, open_source
 from gemma2_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from gemma2_jax.paths import as_path
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +182,11 @@ def model_batch(full, seg, pos, piece_bytes) -> dict[str, np.ndarray]:
 
 def _check_prepared(src, tok: Tokenizer, label: str) -> None:
   """ArrayRecord shards carry meta.json from prepare_data; refuse ids from another tokenizer."""
-  meta_path = os.path.join(os.path.dirname(src.files[0]), "meta.json")
-  if not os.path.exists(meta_path):
+  meta_path = as_path(src.files[0]).parent / "meta.json"
+  if not meta_path.exists():
     log.warning("source %r: no meta.json next to the shards; cannot verify the tokenizer", label)
     return
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = json.loads(meta_path.read_text())
   if meta.get("tokenizer_sha256") not in (None, tok.sha256):
     raise DataError(f"source {label!r} was tokenized with {meta.get('tokenizer')} "
                     f"(sha256 {meta['tokenizer_sha256'][:12]}), not {tok.path} "

@@ -20,6 +20,7 @@ import numpy as np
 from gemma2_jax.cli import ArgumentParser
 from gemma2_jax.data.config import SourceConfig
 from gemma2_jax.data.sources import STATS, DataError, open_source
+from gemma2_jax.paths import is_remote
 
 # group_size:1 keeps every record independently readable: random access for global shuffling.
 ARRAY_RECORD_OPTIONS = "group_size:1"
@@ -102,6 +103,10 @@ def tokenize_corpus(source: SourceConfig, tokenizer_path: str, output_dir: str, 
 
   from gemma2_jax.data.tokenizer import Tokenizer
 
+  if is_remote(output_dir):
+    # array_record writes local files only: os.makedirs would make a local directory named `gs:`.
+    raise DataError(f"output_dir {output_dir}: shards are written to a local directory (or a gcsfuse "
+                    "mount); copy them to the bucket afterwards, training reads gs:// directly")
   t0 = time.perf_counter()
   tok = Tokenizer(tokenizer_path)
   tok.check()

@@ -10,7 +10,7 @@ with `python -m gemma2_jax.prepare_data` and train from the ArrayRecord shards i
 from __future__ import annotations
 
 import collections
-import glob as glob_lib
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gemma2_jax import paths
 from gemma2_jax.data.config import SourceConfig
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,13 @@ def expand_paths(patterns: Sequence[str] | str) -> list[str]:
     if _is_remote(pat):
       from etils import epath
 
-      if has_glob:
-        parts = pat.split("/")
-        k = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
-        root, rest = "/".join(parts[:k]), "/".join(parts[k:])
-        found = sorted(str(p) for p in epath.Path(root).glob(rest))
+      root = epath.Path(pat)
+      if not has_glob and root.is_dir():  # every file under it, as for a local directory
+        found = sorted(_remote_files(root))
       else:
-        found = [pat] if epath.Path(pat).exists() else []
+        found = paths.glob(pat)
     elif has_glob:
-      found = sorted(p for p in glob_lib.glob(os.path.expanduser(pat), recursive=True)
-                     if os.path.isfile(p))
+      found = [p for p in paths.glob(pat) if os.path.isfile(p)]
     else:
       p = os.path.expanduser(pat)
       if os.path.isdir(p):
@@ -75,6 +73,17 @@ def expand_paths(patterns: Sequence[str] | str) -> list[str]:
       raise DataError(f"{what}: {pat!r}")
     files.extend(found)
   return sorted(dict.fromkeys(files))
+
+
+def _remote_files(directory) -> list[str]:
+  # Not epath's walk(): on gcsfs it yields directories without their gs:// prefix.
+  out = []
+  for p in directory.iterdir():
+    if p.is_dir():
+      out += _remote_files(p)
+    elif not p.name.startswith("."):
+      out.append(str(p))
+  return out
 
 
 def infer_format(files: Sequence[str]) -> str:
@@ -112,7 +121,8 @@ def decode_utf8(raw: bytes, where: str, bad_utf8: str) -> str:
 
 
 class _Files:
-  """Thread-safe positional reads; handles are reopened lazily after pickling (grain workers)."""
+  """Thread-safe positional reads, local or remote (fsspec, as epath uses for gs:// without
+  TensorFlow); handles are reopened lazily after pickling (grain workers)."""
 
   def __init__(self, files: Sequence[str]):
     self.files = list(files)
@@ -133,14 +143,16 @@ class _Files:
         with self._lock:
           fd = self._handles.setdefault(f, os.open(path, os.O_RDONLY))
       return os.pread(fd, stop - start, start)
-    from etils import epath
+    # One ranged GET per document and no open handle: a gcsfs file's read-ahead is wasted on
+    # shuffled reads, and its pending prefetch tasks are logged as errors at interpreter exit.
+    fs_path = self._handles.get(f)
+    if fs_path is None:
+      import fsspec
 
-    with self._lock:
-      fh = self._handles.get(f)
-      if fh is None:
-        fh = self._handles[f] = epath.Path(path).open("rb")
-      fh.seek(start)
-      return fh.read(stop - start)
+      with self._lock:
+        fs_path = self._handles.setdefault(f, fsspec.core.url_to_fs(path))
+    fs, key = fs_path
+    return fs.cat_file(key, start=start, end=stop)
 
   def size(self, f: int) -> int:
     path = self.files[f]
@@ -260,24 +272,38 @@ class FilesSource:
     return decode_utf8(self._files.read_all(i), self._files.files[i], self._bad_utf8)
 
 
+@contextlib.contextmanager
+def _parquet_file(path: str):
+  """pyarrow's own gs:// filesystem knows neither epath's credentials nor an emulator (without
+  network it hangs): remote files are read through an epath (fsspec) file object."""
+  import pyarrow.parquet as pq
+
+  if not _is_remote(path):
+    with pq.ParquetFile(path) as pf:
+      yield pf
+    return
+  from etils import epath
+
+  with epath.Path(path).open("rb") as fh:
+    yield pq.ParquetFile(fh)
+
+
 class ParquetSource:
   """One document per row of the `text_field` column; row groups are cached (LRU)."""
 
   _CACHE = 8
 
   def __init__(self, files: Sequence[str], *, text_field: str, bad_records: str):
-    import pyarrow.parquet as pq
-
     self._paths = list(files)
     self._field = text_field
     self._bad_records = bad_records
     rg_rows = []
     for path in self._paths:
-      pf = pq.ParquetFile(path)
-      names = pf.schema_arrow.names
-      if text_field not in names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {names})")
-      rg_rows.append([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+      with _parquet_file(path) as pf:
+        names = pf.schema_arrow.names
+        if text_field not in names:
+          raise DataError(f"{path}: no column {text_field!r} (columns: {names})")
+        rg_rows.append([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
     self._index = [(f, g) for f, rows in enumerate(rg_rows) for g in range(len(rows))]
     sizes = [n for rows in rg_rows for n in rows]
     self._cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -309,9 +335,14 @@ class ParquetSource:
         self._cache.move_to_end(k)
         return self._cache[k]
       f, g = self._index[k]
-      if f not in self._pf:
-        self._pf[f] = pq.ParquetFile(self._paths[f])
-      col = self._pf[f].read_row_group(g, columns=[self._field]).column(0).to_pylist()
+      path = self._paths[f]
+      if _is_remote(path):  # opened per row group: no handle is left open (see _parquet_file)
+        with _parquet_file(path) as pf:
+          col = pf.read_row_group(g, columns=[self._field]).column(0).to_pylist()
+      else:
+        if f not in self._pf:
+          self._pf[f] = pq.ParquetFile(path)
+        col = self._pf[f].read_row_group(g, columns=[self._field]).column(0).to_pylist()
       self._cache[k] = col
       if len(self._cache) > self._CACHE:
         self._cache.popitem(last=False)
