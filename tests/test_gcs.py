@@ -277,7 +277,8 @@ def test_train_in_the_bucket_killed_and_resumed(gcs, cwd):
   first = [row for row in _rows(gcs, f"{run}/metrics.jsonl") if "loss" in row]
   assert first and first[0]["step"] == 1
 
-  r = subprocess.run([sys.executable, "-m", "gemma2_jax.train", *args], cwd=cwd, env=env,
+  r = subprocess.run([sys.executable, "-m", "gemma2_jax.train", *args,
+                      "--config.checkpoint.export_hf=True"], cwd=cwd, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads(gcs.read(f"{run}/summary.json"))
@@ -286,6 +287,8 @@ def test_train_in_the_bucket_killed_and_resumed(gcs, cwd):
   objects = gcs.list(run)
   assert f"e2e_run/checkpoints/{STEPS}/commit_success.txt" in objects
   assert any("/tensorboard/" in n and "tfevents" in n for n in objects)
+  # The final HF export is in the bucket too (written locally, uploaded with config.json last).
+  assert {f"e2e_run/hf_step{STEPS}/config.json", f"e2e_run/hf_step{STEPS}/model.safetensors"} <= set(objects)
   rows = [row for row in _rows(gcs, f"{run}/metrics.jsonl") if "loss" in row]
   assert rows[:len(first)] == first  # the killed run's rows are kept
   assert [r["step"] for r in rows[len(first):]] == list(range(start + 1, STEPS + 1))
