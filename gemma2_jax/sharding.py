@@ -172,7 +172,7 @@ def host_to_global(x: np.ndarray, sharding: NamedSharding):
   Each device's slice is cut from the local rows: nothing is sent between hosts and no equality
   check runs (unlike device_put of a host array with a global sharding).
   """
-  count = data_group(sharding, _batch_shards(sharding)).count
+  count = data_group(sharding, batch_shards(sharding)).count
   global_batch = len(x) * count
   group = data_group(sharding, global_batch)
   offset, at = {}, 0
@@ -188,7 +188,8 @@ def host_to_global(x: np.ndarray, sharding: NamedSharding):
   return jax.make_array_from_callback((global_batch, *x.shape[1:]), sharding, rows)
 
 
-def _batch_shards(sharding: NamedSharding) -> int:
+def batch_shards(sharding: NamedSharding) -> int:
+  """How many ways `sharding` splits the batch (leading) dimension."""
   axes = sharding.spec[0] if len(sharding.spec) else None
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   return math.prod(sharding.mesh.shape[a] for a in axes)

@@ -15,7 +15,6 @@ host per data shard). A non-empty output_dir is refused; bad input is one `error
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -30,7 +29,7 @@ def parse_args(argv):
   parser.add_argument("--topk", type=int, default=128, help="teacher tokens kept per position")
   parser.add_argument("--max_rows", type=int, default=None, help="stop after this many packed rows")
   parser.add_argument("--batch_size", type=int, default=None,
-                      help="rows per teacher forward (default train.global_batch)")
+                      help="rows per teacher forward (default: one per batch shard of the mesh)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args, overrides = parse_with_overrides(parser, argv)
   if args.topk < 1:
@@ -80,7 +79,13 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
   from jax.sharding import NamedSharding
 
   from gemma2_jax.data.offline import TopKWriter, packed_rows
-  from gemma2_jax.sharding import activation_sharding, logical_to_spec, make_mesh
+  from gemma2_jax.sharding import (
+    activation_sharding,
+    batch_shards,
+    host_to_global,
+    logical_to_spec,
+    make_mesh,
+  )
   from gemma2_jax.trainer import load_teacher
 
   mesh = make_mesh(exp.mesh)
@@ -91,11 +96,11 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
   T = data.seq_len
   rows, tok = packed_rows(data, exp.tokenizer, vocab_size=teacher_cfg.vocab_size,
                           num_real_tokens=teacher_cfg.num_real_tokens)
-  B = batch_size or data.global_batch
   batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
-  axes = batch_sharding.spec[0] if batch_sharding.spec else None
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  n_shards = math.prod(mesh.shape[a] for a in axes)
+  n_shards = batch_shards(batch_sharding)
+  # One row per batch shard by default: train.global_batch rows (512 x 8k for distill_9b) in one
+  # forward would need ~0.5 TB for a single chunk's fp32 logits over a 256k vocab.
+  B = batch_size or n_shards
   if B % n_shards:
     raise ValueError(f"batch of {B} rows is not divisible by the {n_shards} batch shards of the mesh")
   with activation_sharding(mesh, exp.rules):
@@ -122,7 +127,7 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
         pad = ((0, B - n), (0, 0))
         full, seg, pos = (np.pad(a, pad) for a in (full, seg, pos))
       with activation_sharding(mesh, exp.rules):
-        logp, ids = topk(params, *(jax.device_put(np.ascontiguousarray(a[:, :-1], np.int32),
+        logp, ids = topk(params, *(host_to_global(np.ascontiguousarray(a[:, :-1], np.int32),
                                                   batch_sharding) for a in (full, pos, seg)))
       logp, ids = np.asarray(logp), np.asarray(ids)
       if max_rows is not None:
