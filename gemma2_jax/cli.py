@@ -18,3 +18,68 @@ def parse_with_overrides(parser: ArgumentParser, argv) -> tuple[argparse.Namespa
     key, value = item[len("--config."):].split("=", 1)
     overrides[key] = value
   return args, overrides
+
+
+def add_distributed_flags(parser: ArgumentParser):
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() (TPU pods / SLURM auto-detect, or "
+                           "with --coordinator_address/--num_processes/--process_id)")
+  parser.add_argument("--coordinator_address", default=None)
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+
+
+def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
+  """Runs `body() -> exit code` as one process of a (possibly multi-process) job.
+
+  With distributed flags the command is re-run as a supervised child, which joins the job. Known bad
+  input (ConfigError, DataError, CheckpointError, OSError, `expected_errors()`) is one `error: ...`
+  line and exit 1; with several processes any failure is published so the others stop naming it,
+  and a broken collective names the lost process (see gemma2_jax.distributed).
+  """
+  import sys
+  import traceback
+
+  from gemma2_jax import distributed
+
+  several = bool(args.distributed or args.coordinator_address)
+  if several:
+    rc = distributed.supervise()  # before the heavy imports: the parent only watches the child
+    if rc is not None:
+      return rc
+  import jax
+
+  from gemma2_jax.checkpoint import CheckpointError
+  from gemma2_jax.data import DataError
+  from gemma2_jax.experiment import ConfigError
+
+  if several:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  error = None
+  try:
+    rc = body()
+  except (ConfigError, DataError, CheckpointError, *expected_errors()) as e:
+    error = f"error: {' '.join(str(e).split())}"
+  except OSError as e:  # e.g. a workdir that cannot be created or written
+    error = f"error: {e.strerror or e}: {e.filename or ''} (check the output and data paths)"
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" in str(e):
+      error = (f"error: out of device memory ({' '.join(str(e).split())[:300]}); check the config "
+               "first with python -m gemma2_jax.aot, or lower the batch per step")
+    elif jax.process_count() > 1:
+      distributed.collective_failed(e)  # a lost peer: one line naming it, then exit
+    else:
+      raise
+  except BaseException as e:
+    if jax.process_count() > 1:  # tell the other processes, or they would wait in a collective
+      traceback.print_exc()
+      distributed.fail(f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (traceback "
+                       "above)")
+    raise
+  if error:
+    if jax.process_count() > 1:
+      distributed.fail(error)
+    print(error, file=sys.stderr)
+    return 1
+  distributed.finished()
+  return rc

@@ -188,6 +188,16 @@ def host_to_global(x: np.ndarray, sharding: NamedSharding):
   return jax.make_array_from_callback((global_batch, *x.shape[1:]), sharding, rows)
 
 
+def global_to_host(x: jax.Array) -> np.ndarray:
+  """The rows of a batch-sharded global array that this process's devices hold, in `DataGroup.blocks`
+  order: the inverse of host_to_global (its other dimensions must not be sharded)."""
+  pieces = {}
+  for shard in x.addressable_shards:
+    start, stop, _ = shard.index[0].indices(x.shape[0])
+    pieces.setdefault(start, shard.data)
+  return np.concatenate([np.asarray(pieces[start]) for start in sorted(pieces)])
+
+
 def batch_shards(sharding: NamedSharding) -> int:
   """How many ways `sharding` splits the batch (leading) dimension."""
   axes = sharding.spec[0] if len(sharding.spec) else None

@@ -8,17 +8,20 @@ shards + meta.json (layout and sizes: gemma2_jax/data/offline.py). Train on them
 `--config.distill.offline_paths=DIR`; the trainer shuffles the rows.
 
 Logits are built per sequence chunk of `train.loss_chunk` tokens and reduced to top-k at once, so a
-[B, T, V] logits tensor never exists. Single process: multi-host runs are not supported yet (run one
-host per data shard). A non-empty output_dir is refused; bad input is one `error: ...` line, exit 1.
+[B, T, V] logits tensor never exists. Multi-host: as for training (`--distributed` or
+`--coordinator_address/--num_processes/--process_id`); each data group of processes writes its rows
+to `output_dir/part-*` (see `run`). A non-empty output_dir is refused; bad input is one
+`error: ...` line, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
-from gemma2_jax.cli import ArgumentParser, parse_with_overrides
+from gemma2_jax.cli import ArgumentParser, add_distributed_flags, parse_with_overrides, run_job
 
 
 def parse_args(argv):
@@ -31,6 +34,7 @@ def parse_args(argv):
   parser.add_argument("--batch_size", type=int, default=None,
                       help="rows per teacher forward (default: one per batch shard of the mesh)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  add_distributed_flags(parser)
   args, overrides = parse_with_overrides(parser, argv)
   if args.topk < 1:
     parser.error(f"--topk must be >= 1, got {args.topk}")
@@ -74,17 +78,28 @@ def make_topk_fn(cfg, k: int, chunk: int):
 
 def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size: int | None = None,
         progress: bool = True) -> dict:
+  """Writes this process's share of the records; returns its part's meta (None if it writes none).
+
+  Processes whose devices hold the same batch rows form one data group (see sharding.DataGroup):
+  each group reads its shard of the rows and its first process writes them, to `output_dir` itself
+  with one group, else to `output_dir/part-GGGGG-of-NNNNN/`; the reader takes the parts together,
+  so every row is written exactly once.
+  """
   import jax
   import numpy as np
+  from jax.experimental import multihost_utils
   from jax.sharding import NamedSharding
 
   from gemma2_jax.data.offline import TopKWriter, packed_rows
   from gemma2_jax.sharding import (
     activation_sharding,
     batch_shards,
+    data_group,
+    global_to_host,
     host_to_global,
     logical_to_spec,
     make_mesh,
+    process_row_blocks,
   )
   from gemma2_jax.trainer import load_teacher
 
@@ -94,8 +109,6 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
     raise ValueError(f"--topk {k} exceeds the teacher's vocab_size {teacher_cfg.vocab_size}")
   data = exp.data_train
   T = data.seq_len
-  rows, tok = packed_rows(data, exp.tokenizer, vocab_size=teacher_cfg.vocab_size,
-                          num_real_tokens=teacher_cfg.num_real_tokens)
   batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
   n_shards = batch_shards(batch_sharding)
   # One row per batch shard by default: train.global_batch rows (512 x 8k for distill_9b) in one
@@ -103,83 +116,111 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
   B = batch_size or n_shards
   if B % n_shards:
     raise ValueError(f"batch of {B} rows is not divisible by the {n_shards} batch shards of the mesh")
+  group = data_group(batch_sharding, B)
+  writes = jax.process_index() == min(
+    p for p, blocks in process_row_blocks(batch_sharding, B).items() if blocks == group.blocks)
+  rows, tok = packed_rows(data, exp.tokenizer, vocab_size=teacher_cfg.vocab_size,
+                          num_real_tokens=teacher_cfg.num_real_tokens, process_index=group.index,
+                          process_count=group.count)
+  quota = None if max_rows is None else max_rows // group.count + (group.index < max_rows % group.count)
+  out_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length", None), exp.rules))
   with activation_sharding(mesh, exp.rules):
-    topk = jax.jit(make_topk_fn(teacher_cfg, k, exp.train.loss_chunk))
-  writer = TopKWriter(output_dir, k=k, seq_len=T, vocab_size=teacher_cfg.vocab_size,
-                      piece_bytes=tok.piece_bytes(), tokenizer=exp.tokenizer,
-                      tokenizer_sha256=tok.sha256,
-                      extra_meta=dict(teacher=exp.teacher.checkpoint, teacher_dtype=exp.teacher.dtype,
-                                      data_sources=[s.label for s in data.sources]))
+    topk = jax.jit(make_topk_fn(teacher_cfg, k, exp.train.loss_chunk),
+                   out_shardings=(out_sharding, out_sharding))
+  writer = None
+  if writes:
+    part = output_dir if group.count == 1 else os.path.join(
+      output_dir, f"part-{group.index:05d}-of-{group.count:05d}")
+    writer = TopKWriter(part, k=k, seq_len=T, vocab_size=teacher_cfg.vocab_size,
+                        piece_bytes=tok.piece_bytes(), tokenizer=exp.tokenizer,
+                        tokenizer_sha256=tok.sha256,
+                        extra_meta=dict(teacher=exp.teacher.checkpoint, teacher_dtype=exp.teacher.dtype,
+                                        data_sources=[s.label for s in data.sources],
+                                        part=group.index, parts=group.count))
   bar = None
-  if progress:
+  if progress and jax.process_index() == 0:
     from tqdm import tqdm
 
-    bar = tqdm(desc="teacher top-k", unit="row", total=max_rows, dynamic_ncols=True)
-  it = iter(rows.batch(B, drop_remainder=False))
-  with writer:
-    while max_rows is None or writer.rows < max_rows:
-      batch = next(it, None)
-      if batch is None:
+    bar = tqdm(desc="teacher top-k (this data group)", unit="row", total=quota, dynamic_ncols=True)
+  b = group.rows  # rows this process feeds per forward
+  it = iter(rows.batch(b, drop_remainder=False))
+  done = 0
+  with writer if writer is not None else contextlib.nullcontext():  # meta.json when done
+    while True:
+      batch = next(it, None) if quota is None or done < quota else None
+      # Every process runs every forward (they are collectives): stop once no group has rows left.
+      more = np.int32(batch is not None)
+      if jax.process_count() > 1:
+        more = multihost_utils.process_allgather(more).max()
+      if not more:
         break
-      full, seg, pos = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
+      if batch is None:  # this group is done: feed empty rows, write nothing
+        full = seg = pos = np.zeros((0, T + 1), np.int32)
+      else:
+        full, seg, pos = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
       n = len(full)
-      if n < B:  # the last partial batch: pad with empty rows so the compiled shape is reused
-        pad = ((0, B - n), (0, 0))
+      if n < b:  # a last partial batch: pad with empty rows so the compiled shape is reused
+        pad = ((0, b - n), (0, 0))
         full, seg, pos = (np.pad(a, pad) for a in (full, seg, pos))
       with activation_sharding(mesh, exp.rules):
         logp, ids = topk(params, *(host_to_global(np.ascontiguousarray(a[:, :-1], np.int32),
                                                   batch_sharding) for a in (full, pos, seg)))
-      logp, ids = np.asarray(logp), np.asarray(ids)
-      if max_rows is not None:
-        n = min(n, max_rows - writer.rows)
-      for i in range(n):
-        writer.write(full[i], seg[i], pos[i], logp[i], ids[i])
+      logp, ids = global_to_host(logp), global_to_host(ids)
+      if quota is not None:
+        n = min(n, quota - done)
+      if writer is not None:
+        for i in range(n):
+          writer.write(full[i], seg[i], pos[i], logp[i], ids[i])
+      done += n
       if bar is not None:
         bar.update(n)
   if bar is not None:
     bar.close()
-  return writer.meta
+  return writer.meta if writer is not None else None
 
 
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   out = args.output_dir
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    print(f"error: output_dir {out} exists and is not an empty directory; nothing was written",
-          file=sys.stderr)
-    return 1
-  import jax
 
-  from gemma2_jax.checkpoint import CheckpointError
-  from gemma2_jax.data import DataError
-  from gemma2_jax.experiment import ConfigError, apply_overrides, from_config, load_config_file
+  def write() -> int:
+    import jax
 
-  created = not os.path.exists(out)
-  try:
-    config = apply_overrides(load_config_file(args.config), overrides)
-    exp = from_config(config, num_devices=jax.device_count())
-    if exp.teacher is None or not exp.teacher.checkpoint:
-      raise ConfigError("teacher.checkpoint is not set: give the teacher's HF / Kaggle / native "
-                        "checkpoint (--config.teacher.checkpoint=/path)")
-    if not os.path.exists(exp.teacher.checkpoint):
-      raise CheckpointError(f"teacher checkpoint {exp.teacher.checkpoint} does not exist")
-    if jax.process_count() > 1:
-      raise ConfigError("teacher_logits runs in a single process")
-    meta = run(exp, out, k=args.topk, max_rows=args.max_rows, batch_size=args.batch_size,
-               progress=not args.no_progress)
-  except (ConfigError, DataError, CheckpointError, ValueError) as e:
-    if created and os.path.isdir(out) and not os.path.exists(os.path.join(out, "meta.json")):
-      import shutil
+    from gemma2_jax import distributed
+    from gemma2_jax.checkpoint import CheckpointError
+    from gemma2_jax.experiment import ConfigError, apply_overrides, from_config, load_config_file
 
-      shutil.rmtree(out)  # only what this run created
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
-  q = meta["quantization"]
-  print(f"done: {meta['rows']} rows, {meta['tokens']} tokens, k={meta['k']}, "
-        f"{meta['record_bytes_per_token']:.1f} bytes/token ({meta['bytes_per_token']:.1f} with the "
-        f"files' fixed overhead), max |dequant - logprob| = {q['max_abs_error']:.2g}; "
-        f"output_dir={out}")
-  return 0
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+      raise ConfigError(f"output_dir {out} exists and is not an empty directory; nothing was written")
+    distributed.barrier("teacher_logits_checked_output", timeout_s=600)  # before anyone writes
+    created = not os.path.exists(out)
+    try:
+      config = apply_overrides(load_config_file(args.config), overrides)
+      exp = from_config(config, num_devices=jax.device_count())
+      if exp.teacher is None or not exp.teacher.checkpoint:
+        raise ConfigError("teacher.checkpoint is not set: give the teacher's HF / Kaggle / native "
+                          "checkpoint (--config.teacher.checkpoint=/path)")
+      if not os.path.exists(exp.teacher.checkpoint):
+        raise CheckpointError(f"teacher checkpoint {exp.teacher.checkpoint} does not exist")
+      meta = run(exp, out, k=args.topk, max_rows=args.max_rows, batch_size=args.batch_size,
+                 progress=not args.no_progress)
+    except BaseException:
+      if created and jax.process_index() == 0 and os.path.isdir(out) and not any(
+          f == "meta.json" for _, _, files in os.walk(out) for f in files):
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # only what this run created
+      raise
+    if meta is not None and jax.process_index() == 0:
+      q = meta["quantization"]
+      parts = f" (part {meta['part'] + 1} of {meta['parts']})" if meta["parts"] > 1 else ""
+      print(f"done{parts}: {meta['rows']} rows, {meta['tokens']} tokens, k={meta['k']}, "
+            f"{meta['record_bytes_per_token']:.1f} bytes/token ({meta['bytes_per_token']:.1f} with "
+            f"the files' fixed overhead), max |dequant - logprob| = {q['max_abs_error']:.2g}; "
+            f"output_dir={out}")
+    return 0
+
+  return run_job(args, write, lambda: (ValueError,))
 
 
 if __name__ == "__main__":

@@ -268,3 +268,29 @@ def test_hf_teacher_with_real_rows_only(tmp_path):
   b = next(make_offline_iterator(str(out), global_batch=8, seq_len=SEQ_LEN, shuffle=False,
                                  process_index=0, process_count=1))
   assert b["topk_ids"].max() < 1024  # the padding rows are masked out of the teacher's logits
+
+
+def test_two_processes_write_every_row_once(setup, tmp_path):
+  """fsdp=2 over 2 processes: two data groups, each writes its shard of the rows to its own part;
+  together they are exactly the pipeline's rows for that sharding, each once, with the teacher's
+  top-k."""
+  from gemma2_jax.data.offline import packed_rows
+  from tests import multiprocess as mp
+
+  out = tmp_path / "topk"
+  mp.run([sys.executable, "-m", "gemma2_jax.teacher_logits", f"--config={setup['config']}",
+          f"--output_dir={out}", f"--topk={K}", "--no_progress"], 2)
+  parts = sorted(p.name for p in out.iterdir())
+  assert parts == ["part-00000-of-00002", "part-00001-of-00002"]
+  exp = setup["exp"]
+  got = _all_rows(out, shuffle=False)  # the parts, in order
+  want = [r for g in range(2) for r in packed_rows(exp.data_train, exp.tokenizer, vocab_size=1024,
+                                                   process_index=g, process_count=2)[0]]
+  assert len(got["tokens"]) == len(want) == sum(
+    json.loads((out / p / "meta.json").read_text())["rows"] for p in parts)
+  np.testing.assert_array_equal(got["tokens"], np.stack([r["tokens"][:-1] for r in want]))
+  cfg, params = load_params(setup["teacher"], "float32")
+  hidden = forward_hidden(cfg, params, got["tokens"], got["positions"], got["segment_ids"])
+  logp = jax.nn.log_softmax(logits_from_hidden(cfg, params["embedder"]["input_embedding"], hidden))
+  step = setup["meta"]["quantization"]["step"]
+  np.testing.assert_allclose(got["topk_logprobs"], jax.lax.top_k(logp, K)[0], atol=step / 2 + 1e-5)

@@ -297,9 +297,11 @@ def write_teacher_topk(output_dir, batches, *, k: int, seq_len: int, vocab_size:
 
 
 def packed_rows(cfg, tokenizer_path, *, vocab_size: int | None = None,
-                num_real_tokens: int | None = None):
+                num_real_tokens: int | None = None, process_index: int = 0, process_count: int = 1):
   """(grain IterDataset of packed rows, Tokenizer): one epoch of `cfg`'s rows in order, unshuffled,
-  single process: the rows `make_train_iterator(cfg.replace(shuffle=False, num_epochs=1))` batches.
+  of data shard `process_index` of `process_count`: the rows
+  `make_train_iterator(cfg.replace(shuffle=False, num_epochs=1), process_index=, process_count=)`
+  batches.
 
   Rows are {"tokens", "tokens_segment_ids", "tokens_positions"} int32 [seq_len + 1].
   """
@@ -308,7 +310,8 @@ def packed_rows(cfg, tokenizer_path, *, vocab_size: int | None = None,
 
   tok = Tokenizer(tokenizer_path, num_threads=cfg.num_threads)
   tok.check(vocab_size, num_real_tokens=num_real_tokens)
-  return _rows(cfg, tok, process_index=0, process_count=1, num_epochs=1, shuffle=False), tok
+  return _rows(cfg, tok, process_index=process_index, process_count=process_count, num_epochs=1,
+               shuffle=False), tok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,7 +343,8 @@ def resolve_shards(paths: str | Sequence[str]) -> tuple[list[str], dict, np.ndar
   files: list[str] = []
   for p in paths:
     if as_path(p).is_dir():
-      found = glob(os.path.join(p, SHARD_PREFIX + "*"))
+      # One teacher_logits run of several data groups writes one part directory per group.
+      found = glob(os.path.join(p, SHARD_PREFIX + "*")) or glob(os.path.join(p, "part-*", SHARD_PREFIX + "*"))
     else:
       found = [f for f in glob(p) if os.path.basename(f).startswith(SHARD_PREFIX)]
     if not found:
