@@ -46,10 +46,9 @@ def _abstract_inputs(exp, devices):
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
 
-  from gemma2_jax.model.transformer import param_shapes
   from gemma2_jax.optim import make_optimizer
   from gemma2_jax.sharding import logical_to_spec, make_mesh
-  from gemma2_jax.trainer import TOPK_KEYS, abstract_state, state_shardings, teacher_shardings
+  from gemma2_jax.trainer import TOPK_KEYS, abstract_state, state_shardings
 
   mesh = make_mesh(exp.mesh, devices)
   tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
@@ -62,15 +61,25 @@ def _abstract_inputs(exp, devices):
   teacher_cfg = teacher = None
   if exp.distill_mode == "online":
     teacher_cfg = teacher_model_config(exp)
-    teacher = jax.tree.map(lambda s, shard: S(s, jnp.dtype(teacher_cfg.param_dtype), sharding=shard),
-                           param_shapes(teacher_cfg), teacher_shardings(exp, mesh),
-                           is_leaf=lambda x: isinstance(x, tuple))
+    teacher = _abstract_teacher(exp, mesh, teacher_cfg)
   elif exp.distill_mode == "offline":
     k = 128
     spec = NamedSharding(mesh, logical_to_spec(("batch", "length", None), exp.rules))
     batch |= {TOPK_KEYS[0]: S((B, T, k), jnp.float32, sharding=spec),
               TOPK_KEYS[1]: S((B, T, k), jnp.int32, sharding=spec)}
   return mesh, tx, schedule, sh, state, batch, teacher_cfg, teacher
+
+
+def _abstract_teacher(exp, mesh, teacher_cfg):
+  import jax
+  import jax.numpy as jnp
+
+  from gemma2_jax.model.transformer import param_shapes
+  from gemma2_jax.trainer import teacher_shardings
+
+  return jax.tree.map(
+    lambda s, shard: jax.ShapeDtypeStruct(s, jnp.dtype(teacher_cfg.param_dtype), sharding=shard),
+    param_shapes(teacher_cfg), teacher_shardings(exp, mesh), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def compile_step(exp, devices):
@@ -103,23 +112,85 @@ def compile_eval_step(exp, devices):
   return lowered.compile()
 
 
+def compile_teacher_logits_step(exp, devices, k: int = 128):
+  """Lowers and compiles `python -m gemma2_jax.teacher_logits`'s step (default rows per forward)."""
+  import jax
+  import jax.numpy as jnp
+
+  from gemma2_jax.sharding import activation_sharding, make_mesh
+  from gemma2_jax.teacher_logits import topk_step
+
+  mesh = make_mesh(exp.mesh, devices)
+  teacher_cfg = teacher_model_config(exp)
+  teacher = _abstract_teacher(exp, mesh, teacher_cfg)
+  step, batch_sharding, B = topk_step(exp, teacher_cfg, mesh, k)
+  rows = jax.ShapeDtypeStruct((B, exp.train.seq_len), jnp.int32, sharding=batch_sharding)
+  with activation_sharding(mesh, exp.rules):
+    return step.lower(teacher, rows, rows, rows).compile()
+
+
 def peak_bytes(compiled) -> int:
   m = compiled.memory_analysis()
   return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
-def host_plan(exp, devices) -> str:
-  """Which batch rows each host feeds on this topology (data groups; see sharding.data_group)."""
+def _host_bytes(shapes: dict, shardings: dict, dtype, host: int) -> int:
+  """Bytes of the distinct slices of a parameter tree that `host`'s devices hold."""
+  import math
+
+  import jax
+  import numpy as np
+
+  total = 0
+  for shape, sharding in zip(jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)),
+                             jax.tree.leaves(shardings), strict=True):
+    slices = {tuple((s.start, s.stop) for s in index) for d, index in
+              sharding.devices_indices_map(tuple(shape)).items() if d.process_index == host}
+    for index in slices:
+      total += math.prod(len(range(*slice(a, b).indices(n))) for (a, b), n in zip(index, shape, strict=True))
+  return total * np.dtype(dtype).itemsize
+
+
+def host_plan(exp, devices) -> list[str]:
+  """Per host on this topology: the batch rows it feeds (data groups; see sharding.data_group), the
+  weights it reads for `init_from` and the teacher (only its devices' slices), and the host RAM the
+  end-of-run export needs (one tensor at a time)."""
+  import numpy as np
+
+  from gemma2_jax.checkpoint import hf
+  from gemma2_jax.checkpoint.mapping import export_tensors
+  from gemma2_jax.model.transformer import param_shapes
   from gemma2_jax.optim import make_optimizer
   from gemma2_jax.sharding import make_mesh, process_row_blocks
-  from gemma2_jax.trainer import state_shardings
+  from gemma2_jax.trainer import state_shardings, teacher_shardings
 
-  sh = state_shardings(exp, make_mesh(exp.mesh, devices), make_optimizer(exp.optimizer, 1)[0])
+  mesh = make_mesh(exp.mesh, devices)
+  sh = state_shardings(exp, mesh, make_optimizer(exp.optimizer, 1)[0])
   blocks = process_row_blocks(sh.batch, exp.train.global_batch)
+  hosts = sorted(blocks)
   groups = len(set(blocks.values()))
-  rows = sum(b - a for a, b in next(iter(blocks.values())))
-  return (f"hosts: {len(blocks)} in {groups} data groups; each host feeds {rows} of "
-          f"{exp.train.global_batch} rows per step ({len(blocks) // groups} hosts per group)")
+  rows = sum(b - a for a, b in blocks[hosts[0]])
+  lines = [f"hosts: {len(hosts)} in {groups} data groups; each host feeds {rows} of "
+           f"{exp.train.global_batch} rows per step ({len(hosts) // groups} hosts per group)"]
+
+  def most(shapes, shardings, dtype):
+    return max(_host_bytes(shapes, shardings, dtype, h) for h in hosts) / GiB
+
+  if exp.init_from:
+    gib = most(param_shapes(exp.model), sh.state.params, exp.model.param_dtype)
+    lines.append(f"init_from: each host reads at most {gib:.2f} GiB ({exp.model.param_dtype}) of the "
+                 "checkpoint (its devices' slices)")
+  if exp.teacher is not None:
+    tcfg = teacher_model_config(exp)
+    lines.append(f"teacher: each host reads at most "
+                 f"{most(param_shapes(tcfg), teacher_shardings(exp, mesh), tcfg.param_dtype):.2f} GiB "
+                 f"({tcfg.param_dtype}) of the teacher checkpoint")
+  specs, _ = export_tensors(exp.model, hf.entries(exp.model), {}, np.float32,
+                            vocab_rows=exp.model.num_real_tokens or exp.model.vocab_size)
+  biggest = max(specs, key=lambda s: int(np.prod(s[1])))
+  lines.append(f"export: process 0's host holds one tensor at a time, at most "
+               f"{int(np.prod(biggest[1])) * 4 / GiB:.2f} GiB (fp32 {biggest[0]})")
+  return lines
 
 
 def main(argv=None) -> int:
@@ -142,11 +213,13 @@ def main(argv=None) -> int:
     return 1
   devices = topology.devices
   processes = len({d.process_index for d in devices})
-  parts = {"train step": compile_step, "eval step": compile_eval_step}
   compiled = {}
   try:
     exp = from_config(apply_overrides(load_config_file(args.config), overrides),
                       num_devices=len(devices))
+    parts = {"train step": compile_step, "eval step": compile_eval_step}
+    if exp.teacher is not None:  # the same config runs teacher_logits for offline distillation
+      parts["teacher_logits step"] = compile_teacher_logits_step
     for name, compile_fn in parts.items():
       try:
         compiled[name] = compile_fn(exp, devices)
@@ -162,7 +235,7 @@ def main(argv=None) -> int:
   hbm = HBM_GIB.get(kind)
   print(f"{args.config} on {args.topology} ({len(devices)} x {kind}, {processes} hosts), mesh {exp.mesh}, "
         f"mode {exp.distill_mode}, B={exp.train.global_batch} T={exp.train.seq_len}")
-  print(host_plan(exp, devices))
+  print("\n".join(host_plan(exp, devices)))
   too_big = None
   for name, c in compiled.items():
     m, total = c.memory_analysis(), peak_bytes(c)

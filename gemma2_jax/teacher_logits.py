@@ -76,6 +76,28 @@ def make_topk_fn(cfg, k: int, chunk: int):
   return fn
 
 
+def topk_step(exp, teacher_cfg, mesh, k: int, batch_size: int | None = None):
+  """(jitted (params, tokens, positions, segment_ids) -> (top-k log-probs, ids), batch sharding, rows
+  per forward): the step `run` executes, shared with the AOT check."""
+  import jax
+  from jax.sharding import NamedSharding
+
+  from gemma2_jax.sharding import activation_sharding, batch_shards, logical_to_spec
+
+  batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
+  n_shards = batch_shards(batch_sharding)
+  # One row per batch shard by default: train.global_batch rows (512 x 8k for distill_9b) in one
+  # forward would need ~0.5 TB for a single chunk's fp32 logits over a 256k vocab.
+  B = batch_size or n_shards
+  if B % n_shards:
+    raise ValueError(f"batch of {B} rows is not divisible by the {n_shards} batch shards of the mesh")
+  out_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length", None), exp.rules))
+  with activation_sharding(mesh, exp.rules):
+    step = jax.jit(make_topk_fn(teacher_cfg, k, exp.train.loss_chunk),
+                   out_shardings=(out_sharding, out_sharding))
+  return step, batch_sharding, B
+
+
 def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size: int | None = None,
         progress: bool = True) -> dict:
   """Writes this process's share of the records; returns its part's meta (None if it writes none).
@@ -88,16 +110,13 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
   import jax
   import numpy as np
   from jax.experimental import multihost_utils
-  from jax.sharding import NamedSharding
 
   from gemma2_jax.data.offline import TopKWriter, packed_rows
   from gemma2_jax.sharding import (
     activation_sharding,
-    batch_shards,
     data_group,
     global_to_host,
     host_to_global,
-    logical_to_spec,
     make_mesh,
     process_row_blocks,
   )
@@ -109,13 +128,7 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
     raise ValueError(f"--topk {k} exceeds the teacher's vocab_size {teacher_cfg.vocab_size}")
   data = exp.data_train
   T = data.seq_len
-  batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
-  n_shards = batch_shards(batch_sharding)
-  # One row per batch shard by default: train.global_batch rows (512 x 8k for distill_9b) in one
-  # forward would need ~0.5 TB for a single chunk's fp32 logits over a 256k vocab.
-  B = batch_size or n_shards
-  if B % n_shards:
-    raise ValueError(f"batch of {B} rows is not divisible by the {n_shards} batch shards of the mesh")
+  topk, batch_sharding, B = topk_step(exp, teacher_cfg, mesh, k, batch_size)
   group = data_group(batch_sharding, B)
   writes = jax.process_index() == min(
     p for p, blocks in process_row_blocks(batch_sharding, B).items() if blocks == group.blocks)
@@ -123,10 +136,6 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
                           num_real_tokens=teacher_cfg.num_real_tokens, process_index=group.index,
                           process_count=group.count)
   quota = None if max_rows is None else max_rows // group.count + (group.index < max_rows % group.count)
-  out_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length", None), exp.rules))
-  with activation_sharding(mesh, exp.rules):
-    topk = jax.jit(make_topk_fn(teacher_cfg, k, exp.train.loss_chunk),
-                   out_shardings=(out_sharding, out_sharding))
   writer = None
   if writes:
     part = output_dir if group.count == 1 else os.path.join(

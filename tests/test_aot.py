@@ -47,3 +47,18 @@ def test_cli_without_libtpu_says_how_to_get_it():
   assert r.returncode == 1
   lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "pip install -e '.[tpu]'" in lines[0]
+
+
+def test_teacher_logits_step_and_host_plan():
+  from gemma2_jax.aot import compile_teacher_logits_step, host_plan
+
+  exp = _experiment(tiny_experiment(), 8)
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 4, "tensor": 1},
+                            distill=DistillConfig(loss="forward_kl"), init_from="/nowhere",
+                            teacher=TeacherConfig(checkpoint="/nowhere", preset="tiny"))
+  m = compile_teacher_logits_step(exp, jax.devices()[:8]).memory_analysis()
+  assert m.argument_size_in_bytes > 0 and m.temp_size_in_bytes > 0
+  plan = host_plan(exp, jax.devices()[:8])
+  assert plan[0].startswith("hosts: 1 in 1 data groups; each host feeds 8 of 8 rows")
+  assert plan[1].startswith("init_from: each host reads at most") and plan[2].startswith("teacher:")
+  assert plan[3].startswith("export: process 0's host holds one tensor at a time")
