@@ -479,6 +479,9 @@ class _OneSliceAtATime:
                          out_shardings=NamedSharding(x.sharding.mesh, PartitionSpec()))
 
   def _fetch(self, index):
+    if self._x.is_fully_addressable:  # one process: assemble the slice's shards on the host directly
+      return np.asarray(self._x[index] if index else self._x)
+    # Several processes: replicate just this slice (device memory), read this host's copy.
     return np.asarray(self._take(self._x, np.asarray(index, np.int32)).addressable_data(0))
 
   def __getitem__(self, index):
