@@ -316,7 +316,19 @@ class Trainer:
             "eval_bits_per_byte": nll / math.log(2) / max(float(totals["bytes"]), 1.0)}
 
   def _check_workdir(self):
-    """A workdir belongs to one model: refuse (before touching anything) to mix runs."""
+    """A workdir belongs to one model: refuse (before touching anything) to mix runs.
+
+    Process 0 checks (or writes) config.json while the others wait: a process reading it while
+    process 0 writes it would see a half-written file. A refusal reaches the others through the
+    job's watchdog (gemma2_jax.distributed).
+    """
+    from gemma2_jax import distributed
+
+    if jax.process_index() == 0:
+      self._check_or_write_config()
+    distributed.barrier("workdir_checked", timeout_s=3600)
+
+  def _check_or_write_config(self):
     path = self.workdir / "config.json"
     mine = self.exp.to_json_dict()
     if path.exists():
@@ -329,7 +341,7 @@ class Trainer:
         raise checkpoint.CheckpointError(
           f"workdir {self.workdir} holds a run of a different model (model.{k}: "
           f"{theirs.get(k)!r} there, {mine['model'].get(k)!r} now); use a new --workdir")
-    elif jax.process_index() == 0:
+    else:
       self.workdir.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(mine, indent=2))
 

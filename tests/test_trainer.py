@@ -177,11 +177,11 @@ def test_workdir_written_before_a_new_model_field_still_resumes(tmp_path):
   old = exp.to_json_dict()
   del old["model"]["scan_layers"]
   (tmp_path / "config.json").write_text(json.dumps(old))
-  Trainer._check_workdir(SimpleNamespace(exp=exp, workdir=tmp_path))  # no error
+  Trainer._check_or_write_config(SimpleNamespace(exp=exp, workdir=tmp_path))  # no error
   old["model"]["d_model"] += 8
   (tmp_path / "config.json").write_text(json.dumps(old))
   with pytest.raises(CheckpointError, match="model.d_model"):
-    Trainer._check_workdir(SimpleNamespace(exp=exp, workdir=tmp_path))
+    Trainer._check_or_write_config(SimpleNamespace(exp=exp, workdir=tmp_path))
 
 
 def test_export_hf_from_sharded_params_tensor_by_tensor(tmp_path, monkeypatch):

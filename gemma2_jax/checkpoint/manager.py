@@ -72,7 +72,10 @@ class TrainCheckpointer:
   def __init__(self, workdir: str | os.PathLike, cfg: CheckpointConfig):
     self.directory = checkpoint_dir(workdir)
     self.cfg = cfg
-    _remove_unfinished_saves(self.directory)
+    _remove_unfinished_saves(self.directory)  # process 0; the others wait, then list the steps
+    from gemma2_jax import distributed
+
+    distributed.barrier("unfinished_saves_removed", timeout_s=3600)
     # Orbax's own cleanup of unfinished saves runs on a background thread that can outlive an early
     # error (a traceback at interpreter exit); ours above is synchronous.
     options = ocp.CheckpointManagerOptions(
