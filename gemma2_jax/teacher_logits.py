@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 
@@ -33,6 +34,9 @@ def parse_args(argv):
   parser.add_argument("--max_rows", type=int, default=None, help="stop after this many packed rows")
   parser.add_argument("--batch_size", type=int, default=None,
                       help="rows per teacher forward (default: one per batch shard of the mesh)")
+  parser.add_argument("--rows_per_shard", type=int, default=1024,
+                      help="rows per record file; a stopped run re-run continues after its last "
+                           "complete file")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   add_distributed_flags(parser)
   args, overrides = parse_with_overrides(parser, argv)
@@ -40,6 +44,8 @@ def parse_args(argv):
     parser.error(f"--topk must be >= 1, got {args.topk}")
   if args.max_rows is not None and args.max_rows < 1:
     parser.error(f"--max_rows must be >= 1, got {args.max_rows}")
+  if args.rows_per_shard < 1:
+    parser.error(f"--rows_per_shard must be >= 1, got {args.rows_per_shard}")
   if args.batch_size is not None and args.batch_size < 1:
     parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
   return args, overrides
@@ -98,14 +104,21 @@ def topk_step(exp, teacher_cfg, mesh, k: int, batch_size: int | None = None):
   return step, batch_sharding, B
 
 
+def _stack(rows: list[dict]) -> dict:
+  import numpy as np
+
+  return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+
 def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size: int | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, rows_per_shard: int = 1024) -> dict:
   """Writes this process's share of the records; returns its part's meta (None if it writes none).
 
   Processes whose devices hold the same batch rows form one data group (see sharding.DataGroup):
   each group reads its shard of the rows and its first process writes them, to `output_dir` itself
   with one group, else to `output_dir/part-GGGGG-of-NNNNN/`; the reader takes the parts together,
-  so every row is written exactly once.
+  so every row is written exactly once. Re-running after a stop continues each part after its
+  last complete shard of `rows_per_shard` rows.
   """
   import jax
   import numpy as np
@@ -130,8 +143,9 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
   T = data.seq_len
   topk, batch_sharding, B = topk_step(exp, teacher_cfg, mesh, k, batch_size)
   group = data_group(batch_sharding, B)
-  writes = jax.process_index() == min(
+  writer_process = min(
     p for p, blocks in process_row_blocks(batch_sharding, B).items() if blocks == group.blocks)
+  writes = jax.process_index() == writer_process
   rows, tok = packed_rows(data, exp.tokenizer, vocab_size=teacher_cfg.vocab_size,
                           num_real_tokens=teacher_cfg.num_real_tokens, process_index=group.index,
                           process_count=group.count)
@@ -145,15 +159,31 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
                         tokenizer_sha256=tok.sha256,
                         extra_meta=dict(teacher=exp.teacher.checkpoint, teacher_dtype=exp.teacher.dtype,
                                         data_sources=[s.label for s in data.sources],
-                                        part=group.index, parts=group.count))
+                                        part=group.index, parts=group.count),
+                        rows_per_shard=rows_per_shard, resume=True,
+                        # A re-run continues an unfinished output only under the same settings.
+                        run=dict(teacher=exp.teacher.checkpoint, teacher_dtype=exp.teacher.dtype,
+                                 data_sources=[s.label for s in data.sources], k=k, seq_len=T,
+                                 tokenizer_sha256=tok.sha256, rows_per_forward=B,
+                                 part=group.index, parts=group.count))
+  # Rows already written (complete shards of an earlier, stopped run): every process of the group
+  # skips them; only the group's writer can see its files, so the count is shared.
+  resumed = writer.rows if writer is not None else 0
+  if jax.process_count() > 1:
+    resumed = int(multihost_utils.process_allgather(np.int64(resumed))[writer_process])
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
 
     bar = tqdm(desc="teacher top-k (this data group)", unit="row", total=quota, dynamic_ncols=True)
   b = group.rows  # rows this process feeds per forward
-  it = iter(rows.batch(b, drop_remainder=False))
-  done = 0
+  row_iter = iter(rows)
+  for _ in range(resumed):  # packing is deterministic: skipping costs tokenization, no forward
+    next(row_iter)
+  it = (_stack(chunk) for chunk in iter(lambda: list(itertools.islice(row_iter, b)), []))
+  done = resumed
+  if bar is not None:
+    bar.update(resumed)
   with writer if writer is not None else contextlib.nullcontext():  # meta.json when done
     while True:
       batch = next(it, None) if quota is None or done < quota else None
@@ -188,6 +218,23 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
   return writer.meta if writer is not None else None
 
 
+def _output_state(out: str) -> str:
+  """'new' (absent or empty), 'unfinished' (a stopped run of ours: continue it), 'finished', 'other'."""
+  from gemma2_jax.data.offline import SHARD_PREFIX
+
+  if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+    return "new"
+  if not os.path.isdir(out):
+    return "other"
+  names = os.listdir(out)
+  ours = {"piece_bytes.npy", "progress.json", "progress.json.tmp", "meta.json"}
+  if not all(n in ours or n.startswith((SHARD_PREFIX, "part-")) for n in names):
+    return "other"
+  parts = [os.path.join(out, n) for n in names if n.startswith("part-")]
+  finished = [os.path.exists(os.path.join(d, "meta.json")) for d in parts or [out]]
+  return "finished" if all(finished) else "unfinished"
+
+
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   out = args.output_dir
@@ -199,8 +246,13 @@ def main(argv=None) -> int:
     from gemma2_jax.checkpoint import CheckpointError
     from gemma2_jax.experiment import ConfigError, apply_overrides, from_config, load_config_file
 
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-      raise ConfigError(f"output_dir {out} exists and is not an empty directory; nothing was written")
+    state = _output_state(out)
+    if state == "finished":
+      raise ConfigError(f"output_dir {out} holds a finished teacher_logits output; nothing was "
+                        "written (use a new --output_dir)")
+    if state == "other":
+      raise ConfigError(f"output_dir {out} exists and is not an empty directory (nor an unfinished "
+                        "teacher_logits output to continue); nothing was written")
     distributed.barrier("teacher_logits_checked_output", timeout_s=600)  # before anyone writes
     created = not os.path.exists(out)
     try:
@@ -212,10 +264,10 @@ def main(argv=None) -> int:
       if not os.path.exists(exp.teacher.checkpoint):
         raise CheckpointError(f"teacher checkpoint {exp.teacher.checkpoint} does not exist")
       meta = run(exp, out, k=args.topk, max_rows=args.max_rows, batch_size=args.batch_size,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, rows_per_shard=args.rows_per_shard)
     except BaseException:
       if created and jax.process_index() == 0 and os.path.isdir(out) and not any(
-          f == "meta.json" for _, _, files in os.walk(out) for f in files):
+          f in ("meta.json", "progress.json") for _, _, files in os.walk(out) for f in files):
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)  # only what this run created

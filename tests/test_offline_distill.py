@@ -294,3 +294,45 @@ def test_two_processes_write_every_row_once(setup, tmp_path):
   logp = jax.nn.log_softmax(logits_from_hidden(cfg, params["embedder"]["input_embedding"], hidden))
   step = setup["meta"]["quantization"]["step"]
   np.testing.assert_allclose(got["topk_logprobs"], jax.lax.top_k(logp, K)[0], atol=step / 2 + 1e-5)
+
+
+KILL_AFTER_ROWS = '''
+import os, signal, sys
+from gemma2_jax import teacher_logits
+from gemma2_jax.data import offline
+write = offline.TopKWriter.write
+def killing_write(self, *a):
+  if self.rows == 5:
+    os.kill(os.getpid(), signal.SIGKILL)
+  write(self, *a)
+offline.TopKWriter.write = killing_write
+sys.exit(teacher_logits.main(sys.argv[1:]))
+'''
+
+
+def test_killed_run_resumes_after_its_last_complete_shard(setup, tmp_path):
+  out = tmp_path / "topk"
+  args = [f"--config={setup['config']}", f"--output_dir={out}", f"--topk={K}", "--no_progress",
+          "--rows_per_shard=2"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", KILL_AFTER_ROWS, *args], capture_output=True, text=True,
+                     env=env, cwd=REPO, timeout=120)
+  assert r.returncode == -9, r.stderr[-2000:]
+  assert json.loads((out / "progress.json").read_text())["rows"] == 4  # two complete shards
+  other = [a if not a.startswith("--topk=") else f"--topk={K // 2}" for a in args]
+  r = subprocess.run([sys.executable, "-m", "gemma2_jax.teacher_logits", *other], capture_output=True,
+                     text=True, env=env, cwd=REPO, timeout=120)
+  assert r.returncode == 1 and "unfinished run with other settings" in r.stderr.splitlines()[-1]
+  r = subprocess.run([sys.executable, "-m", "gemma2_jax.teacher_logits", *args], capture_output=True,
+                     text=True, env=env, cwd=REPO, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert not (out / "progress.json").exists()
+  got, want = _all_rows(out, shuffle=False), _all_rows(setup["out"], shuffle=False)
+  for key in want:  # the same rows and top-k as the uninterrupted run, each once
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["rows"] == setup["meta"]["rows"] and meta["loss_tokens"] == setup["meta"]["loss_tokens"]
+  # A finished output is never written again.
+  r = subprocess.run([sys.executable, "-m", "gemma2_jax.teacher_logits", *args], capture_output=True,
+                     text=True, env=env, cwd=REPO, timeout=120)
+  assert r.returncode == 1 and "holds a finished teacher_logits output" in r.stderr

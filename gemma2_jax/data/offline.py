@@ -195,13 +195,19 @@ class TopKWriter:
 
   A new shard starts every `rows_per_shard` rows (the row count is not known in advance). `close()`
   writes meta.json last, so a directory without it is an unfinished run. Use as a context manager.
+
+  Resumable: when a shard is complete, `progress.json` records the counts so far (and `run`, what
+  the caller says the records depend on). `resume=True` on an unfinished directory keeps its
+  complete shards, drops the one in progress, and continues after `rows` rows; a directory of a
+  different `run` is refused.
   """
 
   def __init__(self, output_dir: str | os.PathLike, *, k: int, seq_len: int, vocab_size: int,
                piece_bytes: np.ndarray, tokenizer: str | None = None,
                tokenizer_sha256: str | None = None, logprob_bits: int = LOGPROB_BITS,
                logprob_min: float = LOGPROB_MIN, rows_per_shard: int = 8192,
-               extra_meta: Mapping[str, Any] | None = None):
+               extra_meta: Mapping[str, Any] | None = None, run: Mapping[str, Any] | None = None,
+               resume: bool = False):
     if not 1 <= k <= vocab_size:
       raise ValueError(f"k must be in [1, vocab_size={vocab_size}], got {k}")
     self.dir = os.fspath(output_dir)
@@ -223,12 +229,40 @@ class TopKWriter:
     self.loss_tokens = 0
     self.max_abs_error = 0.0  # over kept log-probs >= logprob_min (lower ones are clamped)
     self.clamped = 0
+    self._run = json.loads(json.dumps(dict(run or {})))
+    if resume:
+      self._resume()
+
+  _COUNTS = ("rows", "record_bytes", "loss_tokens", "max_abs_error", "clamped")
+
+  def _progress_path(self) -> str:
+    return os.path.join(self.dir, "progress.json")
+
+  def _resume(self):
+    done = {}
+    if os.path.exists(self._progress_path()):
+      with open(self._progress_path()) as f:
+        done = json.load(f)
+      if done.get("run") != self._run:
+        raise ValueError(f"{self.dir} holds an unfinished run with other settings ({done.get('run')} "
+                         f"there, {self._run} now); use a new output directory")
+      for key in self._COUNTS:
+        setattr(self, key, done[key])
+      self._shards = list(done["shards"])
+    for name in os.listdir(self.dir):  # the shard in progress when the run stopped
+      if name.startswith(SHARD_PREFIX) and name not in self._shards:
+        os.remove(os.path.join(self.dir, name))
 
   def _open_shard(self):
     from array_record.python.array_record_module import ArrayRecordWriter
 
     if self._writer is not None:
       self._writer.close()
+      state = {key: getattr(self, key) for key in self._COUNTS}
+      tmp = self._progress_path() + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(dict(state, shards=self._shards, run=self._run), f)
+      os.replace(tmp, self._progress_path())  # a complete shard is recorded atomically
     name = f"{SHARD_PREFIX}{len(self._shards):05d}"
     self._shards.append(name)
     self._writer = ArrayRecordWriter(os.path.join(self.dir, name), ARRAY_RECORD_OPTIONS)
@@ -270,6 +304,8 @@ class TopKWriter:
         tail="implicit: 1 - sum(exp(topk_logprobs)) per token")
     with open(os.path.join(self.dir, "meta.json"), "w") as f:
       json.dump(meta, f, indent=1)
+    if os.path.exists(self._progress_path()):
+      os.remove(self._progress_path())
     self.meta = meta
     return meta
 
