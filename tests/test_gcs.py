@@ -150,7 +150,7 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
-def _same(a, b):
+def _assert_same(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b, strict=True):
     for k in KEYS:
@@ -174,10 +174,10 @@ def test_jsonl_text_and_tokenizer_from_the_bucket(gcs, cwd, tmp_path):
   got = _take(it, 3)
   state = it.get_state()
   got += _take(it, 3)
-  _same(got, want)
+  _assert_same(got, want)
   it = make_train_iterator(cfg(f"{remote}/a.jsonl"), tokenizer_path=tok)
   it.set_state(state)
-  _same(_take(it, 3), want[3:])
+  _assert_same(_take(it, 3), want[3:])
 
   # A glob and a directory prefix in the bucket, and the eval pass.
   one = lambda paths: make_eval_iterator(
@@ -185,9 +185,9 @@ def test_jsonl_text_and_tokenizer_from_the_bucket(gcs, cwd, tmp_path):
     tokenizer_path=tok)
   ref = list(make_eval_iterator(DataConfig(sources=[SourceConfig(paths=str(local / "a.jsonl"))],
                                            seq_len=32, global_batch=4), tokenizer_path=str(TOK)))
-  _same(list(one(f"{remote}/*.jsonl")), ref)
+  _assert_same(list(one(f"{remote}/*.jsonl")), ref)
   gcs.upload("inputs_dir/sub/a.jsonl", (local / "a.jsonl").read_bytes())
-  _same(list(one(gcs.path("inputs_dir"))), ref)
+  _assert_same(list(one(gcs.path("inputs_dir"))), ref)
 
   # Parquet through epath file objects (pyarrow's own gs:// client ignores the emulator).
   import pyarrow as pa
@@ -198,7 +198,7 @@ def test_jsonl_text_and_tokenizer_from_the_bucket(gcs, cwd, tmp_path):
   pq_path = gcs.upload("inputs_pq/a.parquet", (tmp_path / "a.parquet").read_bytes())
   it = make_eval_iterator(DataConfig(sources=[SourceConfig(paths=pq_path)], seq_len=32,
                                      global_batch=4), tokenizer_path=tok)
-  _same(list(it), ref)
+  _assert_same(list(it), ref)
 
 
 def test_prepared_arrayrecord_and_teacher_topk_from_the_bucket(gcs, cwd, tmp_path):
@@ -215,7 +215,7 @@ def test_prepared_arrayrecord_and_teacher_topk_from_the_bucket(gcs, cwd, tmp_pat
   want = list(make_train_iterator(cfg(str(tmp_path / "prep" / "*.array_record*")),
                                   tokenizer_path=str(TOK)))
   # array_record reads gs:// itself (its bundled GCS client); meta.json is checked through epath.
-  _same(list(make_train_iterator(cfg(f"{remote}/*.array_record*"), tokenizer_path=tok)), want)
+  _assert_same(list(make_train_iterator(cfg(f"{remote}/*.array_record*"), tokenizer_path=tok)), want)
 
   rng = np.random.default_rng(0)
   T, k, V = 16, 4, 1024
@@ -230,7 +230,7 @@ def test_prepared_arrayrecord_and_teacher_topk_from_the_bucket(gcs, cwd, tmp_pat
   want = list(make_offline_iterator(str(tmp_path / "topk"), **kw))
   got = list(make_offline_iterator(remote, **kw))
   assert len(got) == 8
-  _same(got, want)
+  _assert_same(got, want)
   for a, b in zip(got, want, strict=True):
     np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
   # Writing ArrayRecord files to a bucket is refused before anything is created (array_record

@@ -22,7 +22,7 @@ def _assert_close(got: dict, want: dict, rel=1e-5):
     assert abs(got[step] - want[step]) <= rel * abs(want[step]), (step, got[step], want[step])
 
 
-def _run_and_compare(tmp_path, num_processes, devices, data_groups, *mesh):
+def _assert_matches_one_process(tmp_path, num_processes, devices, data_groups, *mesh):
   """The multi-process run vs the same run in one process with the same global mesh."""
   overrides = (f"--config.train.steps={STEPS}", *mesh)
   mp.run(mp.train_cmd(tmp_path / "multi", *overrides), num_processes, devices)
@@ -39,7 +39,7 @@ def test_tensor_across_processes_matches_one_process_and_survives_a_lost_peer(tm
   re-running the same command resumes from the last checkpoint bit-identically.
   """
   mesh = ("--config.mesh.fsdp=1", "--config.mesh.tensor=2")
-  uninterrupted = _run_and_compare(tmp_path, 2, 1, 1, *mesh)
+  uninterrupted = _assert_matches_one_process(tmp_path, 2, 1, 1, *mesh)
 
   workdir = tmp_path / "killed"
   overrides = (f"--config.train.steps={STEPS}", *mesh)
@@ -114,11 +114,11 @@ def test_process_count_change_is_refused_with_the_way_forward(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("axis", ["fsdp", "data"])
 def test_batch_axis_across_processes_matches_one_process(tmp_path, axis):
-  _run_and_compare(tmp_path, 2, 1, 2, "--config.mesh.fsdp=1", f"--config.mesh.{axis}=2")
+  _assert_matches_one_process(tmp_path, 2, 1, 2, "--config.mesh.fsdp=1", f"--config.mesh.{axis}=2")
 
 
 @pytest.mark.slow
 def test_four_processes_fsdp_across_tensor_inside(tmp_path):
-  _run_and_compare(tmp_path, 4, 2, 4, "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+  _assert_matches_one_process(tmp_path, 4, 2, 4, "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
                    "--config.train.global_batch=8")
 
