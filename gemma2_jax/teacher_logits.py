@@ -88,7 +88,7 @@ def topk_step(exp, teacher_cfg, mesh, k: int, batch_size: int | None = None):
   import jax
   from jax.sharding import NamedSharding
 
-  from gemma2_jax.sharding import activation_sharding, batch_shards, logical_to_spec
+  from gemma2_jax.sharding import batch_shards, logical_to_spec
 
   batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
   n_shards = batch_shards(batch_sharding)
@@ -98,9 +98,9 @@ def topk_step(exp, teacher_cfg, mesh, k: int, batch_size: int | None = None):
   if B % n_shards:
     raise ValueError(f"batch of {B} rows is not divisible by the {n_shards} batch shards of the mesh")
   out_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length", None), exp.rules))
-  with activation_sharding(mesh, exp.rules):
-    step = jax.jit(make_topk_fn(teacher_cfg, k, exp.train.loss_chunk),
-                   out_shardings=(out_sharding, out_sharding))
+  # Traced at the first call or lower(), which the callers make under activation_sharding.
+  step = jax.jit(make_topk_fn(teacher_cfg, k, exp.train.loss_chunk),
+                 out_shardings=(out_sharding, out_sharding))
   return step, batch_sharding, B
 
 
