@@ -42,7 +42,7 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
 
   from gemma2_jax import distributed
 
-  several = bool(args.distributed or args.coordinator_address)
+  several = bool(getattr(args, "distributed", False) or getattr(args, "coordinator_address", None))
   if several:
     rc = distributed.supervise()  # before the heavy imports: the parent only watches the child
     if rc is not None:

@@ -26,18 +26,23 @@ def _mask(t_idx, s_idx, seg_t, seg_s, window: int | None):
 def attention_xla(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int | None,
                   softcap: float | None):
   """Materializes [B,K,G,T,S] logits: simple, exact, O(T*S) memory."""
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32)
-  logits_BKGTS = soft_cap(logits_BKGTS, softcap)
+  T = q_BTNH.shape[1]
   idx = jnp.arange(T)
   visible_BTS = _mask(idx[:, None], idx[None, :], segment_ids_BT[:, :, None],
                       segment_ids_BT[:, None, :], window)
+  return _dense(q_BTNH, k_BSKH, v_BSKH, visible_BTS, softcap)
+
+
+def _dense(q_BTNH, k_BSKH, v_BSKH, visible_BTS, softcap: float | None):
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
+                            preferred_element_type=jnp.float32)
+  logits_BKGTS = soft_cap(logits_BKGTS, softcap)
   logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, _MASKED)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
+  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(q_BTNH.dtype))
   return out_BTKGH.reshape(B, T, N, H)
 
 
@@ -106,3 +111,15 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int | None,
     return attention_xla(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, softcap=softcap)
   return attention_blockwise(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
                              softcap=softcap, block_size=block_size)
+
+
+def attention_cached(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, *, window: int | None,
+                     softcap: float | None):
+  """Attention of T new queries over S cache slots, masked by token positions, not slot indices.
+
+  `kv_pos_BS` is the position of the token each slot holds (-1: empty or padding), so a ring cache
+  of `window` slots and left-padded rows both see exactly the keys within `window` real tokens.
+  """
+  valid_BS = kv_pos_BS >= 0
+  visible_BTS = _mask(q_pos_BT[:, :, None], kv_pos_BS[:, None, :], True, valid_BS[:, None, :], window)
+  return _dense(q_BTNH, k_BSKH, v_BSKH, visible_BTS, softcap)

@@ -118,9 +118,13 @@ class Layers(nnx.Module):
       setattr(self, name, RMSNorm(shapes[name], dtype))
 
 
-def _block(cfg: ModelConfig, p: dict, x_BTD, positions_BT, segment_ids_BT, *,
-           window: int | None):
-  """One decoder layer; p holds that layer's (unstacked) parameters in the compute dtype."""
+def _block(cfg: ModelConfig, p: dict, x_BTD, positions_BT, attend, *, window: int | None):
+  """One decoder layer; p holds that layer's (unstacked) parameters in the compute dtype.
+
+  `attend(q_BTNH, k_BSKH, v_BSKH, window) -> (o_BTNH, aux)` is the only part that differs between
+  training (attention within the rows) and cached decoding (attention over a KV cache, aux = the
+  updated cache); q arrives rotated and pre-scaled, k rotated.
+  """
   h_BTD = rms_norm(x_BTD, p["pre_attention_norm"]["scale"], cfg.rms_eps)
   a = p["attn"]
   q_BTNH = jnp.einsum("BTD,NDH->BTNH", h_BTD, a["q_einsum"])
@@ -129,14 +133,22 @@ def _block(cfg: ModelConfig, p: dict, x_BTD, positions_BT, segment_ids_BT, *,
   q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale,
                                                                           q_BTNH.dtype)
   k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_base)
-  o_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
-                     softcap=cfg.attn_softcap, impl=cfg.attention_impl,
-                     block_size=cfg.attention_block_size)
+  o_BTNH, aux = attend(q_BTNH, k_BSKH, v_BSKH, window)
   o_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, a["attn_vec_einsum"])
   x_BTD = x_BTD + rms_norm(o_BTD, p["post_attention_norm"]["scale"], cfg.rms_eps)
   h_BTD = rms_norm(x_BTD, p["pre_ffw_norm"]["scale"], cfg.rms_eps)
   f_BTD = feed_forward(h_BTD, p["mlp"]["gating_einsum"], p["mlp"]["linear"])
-  return x_BTD + rms_norm(f_BTD, p["post_ffw_norm"]["scale"], cfg.rms_eps)
+  return x_BTD + rms_norm(f_BTD, p["post_ffw_norm"]["scale"], cfg.rms_eps), aux
+
+
+def row_attention(cfg: ModelConfig, segment_ids_BT):
+  """The training `attend`: causal attention within each row's segments (no cache)."""
+  def attend(q_BTNH, k_BSKH, v_BSKH, window, cache=None):
+    del cache
+    return attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
+                     softcap=cfg.attn_softcap, impl=cfg.attention_impl,
+                     block_size=cfg.attention_block_size), None
+  return attend
 
 
 _REMAT_POLICIES = {
@@ -145,23 +157,32 @@ _REMAT_POLICIES = {
 }
 
 
-def _decoder(cfg: ModelConfig, layers: dict, x_BTD, positions_BT, segment_ids_BT):
-  """Scans over local+global layer pairs."""
+def decoder(cfg: ModelConfig, layers: dict, x_BTD, positions_BT, attend, caches=None):
+  """Scans over local+global layer pairs; returns (x_BTD, updated caches).
+
+  `caches` is None (training) or a pair (local, global) of pytrees whose leaves lead with the pair
+  axis P; `attend(q, k, v, window, cache=...)` receives that layer's slice and returns
+  (o_BTNH, its update).
+  """
   dtype = jnp.dtype(cfg.dtype)
 
-  def pair(x_BTD, pair_params):
+  def pair(x_BTD, xs):
+    pair_params, (local_cache, global_cache) = xs
     pair_params = jax.tree.map(lambda w: w.astype(dtype), pair_params)
     local, global_ = (jax.tree.map(lambda w, i=i: w[i], pair_params) for i in range(2))
-    x_BTD = _block(cfg, local, x_BTD, positions_BT, segment_ids_BT, window=cfg.sliding_window)
-    x_BTD = _block(cfg, global_, x_BTD, positions_BT, segment_ids_BT, window=None)
-    return constrain(x_BTD, ACTIVATION_AXES), None
+    x_BTD, local_cache = _block(cfg, local, x_BTD, positions_BT,
+                                functools.partial(attend, cache=local_cache),
+                                window=cfg.sliding_window)
+    x_BTD, global_cache = _block(cfg, global_, x_BTD, positions_BT,
+                                 functools.partial(attend, cache=global_cache), window=None)
+    return constrain(x_BTD, ACTIVATION_AXES), (local_cache, global_cache)
 
   if cfg.remat != "none":
     pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
   P = cfg.num_layers // 2
   pairs = jax.tree.map(lambda w: w.reshape(P, 2, *w.shape[1:]), layers)
-  x_BTD, _ = jax.lax.scan(pair, x_BTD, pairs, unroll=1 if cfg.scan_layers else P)
-  return x_BTD
+  return jax.lax.scan(pair, x_BTD, (pairs, caches or (None, None)),
+                      unroll=1 if cfg.scan_layers else P)
 
 
 class Transformer(nnx.Module):
@@ -208,12 +229,23 @@ def forward_hidden(cfg: ModelConfig, params: dict, tokens_BT, positions_BT=None,
   segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
   if positions_BT is None:
     positions_BT = positions_from_segments(segment_ids_BT)
+  hidden_BTD, _ = forward_with(cfg, params, tokens_BT, positions_BT,
+                               row_attention(cfg, segment_ids_BT))
+  return hidden_BTD
+
+
+def forward_with(cfg: ModelConfig, params: dict, tokens_BT, positions_BT, attend, caches=None):
+  """Embedding -> decoder (with `attend`, see `decoder`) -> final norm: (hidden_BTD, caches).
+
+  The one forward pass: training calls it with `row_attention`, the sampler with attention over
+  its KV cache.
+  """
   embedding_VD = params["embedder"]["input_embedding"]
-  x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+  x_BTD = jnp.take(embedding_VD, jnp.asarray(tokens_BT, jnp.int32), axis=0)
   x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), embedding_VD.dtype)
   x_BTD = constrain(x_BTD.astype(cfg.dtype), ACTIVATION_AXES)
-  x_BTD = _decoder(cfg, params["layers"], x_BTD, positions_BT, segment_ids_BT)
-  return rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
+  x_BTD, caches = decoder(cfg, params["layers"], x_BTD, positions_BT, attend, caches)
+  return rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps), caches
 
 
 def logits_from_hidden(cfg: ModelConfig, embedding_VD, hidden_BTD):
