@@ -286,7 +286,11 @@ def distill_config(student: ModelConfig, teacher_checkpoint: str = "", **train):
 
 
 def load_config_file(path: str):
-  """Runs `get_config()` of a configs/*.py file."""
+  """Runs `get_config()` of a configs/*.py file.
+
+  Anything that fails while the file loads (a syntax error, an exception in get_config or in what it
+  calls) is one ConfigError naming the file and the line of it that failed, not a traceback.
+  """
   import importlib.util
   from pathlib import Path
 
@@ -295,10 +299,43 @@ def load_config_file(path: str):
     raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
   spec = importlib.util.spec_from_file_location(f"gemma2_jax_config_{p.stem}", p)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  with _config_errors(path):
+    spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
-  return module.get_config()
+  with _config_errors(path):
+    return module.get_config()
+
+
+@contextlib.contextmanager
+def _config_errors(path: str):
+  from pathlib import Path
+
+  try:
+    yield
+  except SyntaxError as e:  # the file itself (or a module it imports) does not parse
+    if e.filename and Path(e.filename).resolve() == Path(path).resolve():
+      raise ConfigError(f"config file {path} line {e.lineno}: SyntaxError: {e.msg}") from None
+    raise ConfigError(f"{_config_line(path, e)}: SyntaxError in {e.filename} line {e.lineno}: "
+                      f"{e.msg}") from None
+  except Exception as e:
+    text = " ".join(str(e).split())[:300]
+    what = text if isinstance(e, ConfigError) else type(e).__name__ + (f": {text}" if text else "")
+    raise ConfigError(f"{_config_line(path, e)}: {what}") from None
+
+
+def _config_line(path: str, e: BaseException) -> str:
+  """`config file PATH line N`: the innermost line of the config file in e's traceback (the line to
+  fix, also when the error itself is raised deeper, in a helper it calls)."""
+  import traceback
+  from pathlib import Path
+
+  target = Path(path).resolve()
+  line = None
+  for frame in traceback.extract_tb(e.__traceback__):
+    if frame.filename and Path(frame.filename).resolve() == target:
+      line = frame.lineno
+  return f"config file {path}" + (f" line {line}" if line is not None else "")
 
 
 def _parse_value(key: str, text: str, current):

@@ -82,7 +82,7 @@ def default_tokenizer(checkpoint: str) -> str:
   if (path / "tokenizer.model").exists():
     return os.fspath(path / "tokenizer.model")
   try:  # a training workdir names its tokenizer in config.json
-    tok = json.loads((path / "config.json").read_text())["data"]["tokenizer"]
+    tok = json.loads((path / "config.json").read_text())["tokenizer"]
     if tok:
       return tok
   except (OSError, ValueError, KeyError, TypeError):
@@ -150,14 +150,25 @@ def load(args):
   from gemma2_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
 
   cfg = checkpoint.read_config(args.checkpoint)
-  dtype = args.dtype
-  if dtype == "auto":
-    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  dtype = dtype_for(args.dtype)
   mesh = make_mesh(mesh_sizes(args.mesh, cfg.num_kv_heads, jax.device_count()))
   shardings = logical_to_sharding(LOGICAL_AXES, mesh, DEFAULT_RULES)
   cfg, params = checkpoint.load_sharded(args.checkpoint, dtype, shardings, config=cfg)
   cfg = cfg.replace(dtype=dtype)
   return Sampler(cfg, params, mesh=mesh)
+
+
+def dtype_for(name: str) -> str:
+  """`auto`: float32 on CPU (bf16 matmuls are slow there), bfloat16 on accelerators."""
+  import jax
+  import numpy as np
+
+  if name == "auto":
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  try:
+    return np.dtype(name).name if name != "bfloat16" else name
+  except TypeError:
+    raise SampleError(f"--dtype {name!r}: use float32, bfloat16 or auto") from None
 
 
 def mesh_sizes(spec: str, num_kv_heads: int, num_devices: int) -> dict[str, int]:

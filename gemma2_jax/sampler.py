@@ -29,7 +29,13 @@ import numpy as np
 from gemma2_jax.data.chat import END_OF_TURN, START_OF_TURN, render_prompt
 from gemma2_jax.model.attention import attention_cached
 from gemma2_jax.model.config import ModelConfig
-from gemma2_jax.model.transformer import forward_with, logits_from_hidden, row_attention
+from gemma2_jax.model.transformer import (
+  DECODE_LAYOUT,
+  forward_with,
+  logits_from_hidden,
+  row_attention,
+  to_layout,
+)
 from gemma2_jax.sharding import constrain
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
@@ -210,6 +216,8 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, sampling: Samplin
   stop = jnp.asarray(sampling.stop_tokens, jnp.int32)
   until = N if until is None else jnp.minimum(until, N)
   embedding_VD = params["embedder"]["input_embedding"]
+  # A D-first copy of the layer weights for the loop (see transformer.DECODE_LAYOUT).
+  params = {**params, "layers": to_layout(params["layers"], DECODE_LAYOUT)}
 
   def cond(s: DecodeState):
     return (s.step < until) & ~jnp.all(s.done_B)
@@ -242,7 +250,8 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, sampling: Samplin
                            softcap=cfg.attn_softcap)
       return o, (k_BSKH, v_BSKH)
 
-    hidden_B1D, caches = forward_with(cfg, params, token_B[:, None], pos_B1, attend, s.caches)
+    hidden_B1D, caches = forward_with(cfg, params, token_B[:, None], pos_B1, attend, s.caches,
+                                      layout=DECODE_LAYOUT)
     logits_BV = logits_from_hidden(cfg, embedding_VD, hidden_B1D[:, 0])
     return s._replace(step=i + 1, logits_BV=logits_BV, tokens_BN=tokens_BN,
                       logprobs_BN=logprobs_BN, lengths_B=lengths_B, done_B=done_B,

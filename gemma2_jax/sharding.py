@@ -115,6 +115,18 @@ def activation_sharding(mesh: Mesh, rules):
     _ACTIVE.reset(token)
 
 
+def active_mesh_and_rules() -> tuple[Mesh, tuple] | None:
+  """The (mesh, rules) that `activation_sharding` installed, or None outside it."""
+  return _ACTIVE.get()
+
+
+def current_platform() -> str:
+  """Platform the code being traced will run on: the active mesh's devices (an AOT compile for a TPU
+  topology traces on a CPU host), else the default backend."""
+  active = _ACTIVE.get()
+  return active[0].devices.flat[0].platform if active is not None else jax.default_backend()
+
+
 def constrain(x, logical: Sequence[str | None]):
   """`with_sharding_constraint` by logical names, when a mesh is active (at trace time)."""
   active = _ACTIVE.get()

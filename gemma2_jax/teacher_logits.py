@@ -125,6 +125,7 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
   from jax.experimental import multihost_utils
 
   from gemma2_jax.data.offline import TopKWriter, packed_rows
+  from gemma2_jax.data.pipeline import stop_threads
   from gemma2_jax.sharding import (
     activation_sharding,
     data_group,
@@ -178,41 +179,45 @@ def run(exp, output_dir: str, *, k: int, max_rows: int | None = None, batch_size
     bar = tqdm(desc="teacher top-k (this data group)", unit="row", total=quota, dynamic_ncols=True)
   b = group.rows  # rows this process feeds per forward
   row_iter = iter(rows)
-  for _ in range(resumed):  # packing is deterministic: skipping costs tokenization, no forward
-    next(row_iter)
-  it = (_stack(chunk) for chunk in iter(lambda: list(itertools.islice(row_iter, b)), []))
-  done = resumed
-  if bar is not None:
-    bar.update(resumed)
-  with writer if writer is not None else contextlib.nullcontext():  # meta.json when done
-    while True:
-      batch = next(it, None) if quota is None or done < quota else None
-      # Every process runs every forward (they are collectives): stop once no group has rows left.
-      more = np.int32(batch is not None)
-      if jax.process_count() > 1:
-        more = multihost_utils.process_allgather(more).max()
-      if not more:
-        break
-      if batch is None:  # this group is done: feed empty rows, write nothing
-        full = seg = pos = np.zeros((0, T + 1), np.int32)
-      else:
-        full, seg, pos = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
-      n = len(full)
-      if n < b:  # a last partial batch: pad with empty rows so the compiled shape is reused
-        pad = ((0, b - n), (0, 0))
-        full, seg, pos = (np.pad(a, pad) for a in (full, seg, pos))
-      with activation_sharding(mesh, exp.rules):
-        logp, ids = topk(params, *(host_to_global(np.ascontiguousarray(a[:, :-1], np.int32),
-                                                  batch_sharding) for a in (full, pos, seg)))
-      logp, ids = global_to_host(logp), global_to_host(ids)
-      if quota is not None:
-        n = min(n, quota - done)
-      if writer is not None:
-        for i in range(n):
-          writer.write(full[i], seg[i], pos[i], logp[i], ids[i])
-      done += n
-      if bar is not None:
-        bar.update(n)
+  try:
+    for _ in range(resumed):  # packing is deterministic: skipping costs tokenization, no forward
+      next(row_iter)
+    it = (_stack(chunk) for chunk in iter(lambda: list(itertools.islice(row_iter, b)), []))
+    done = resumed
+    if bar is not None:
+      bar.update(resumed)
+    with writer if writer is not None else contextlib.nullcontext():  # meta.json when done
+      while True:
+        batch = next(it, None) if quota is None or done < quota else None
+        # Every process runs every forward (they are collectives): stop once no group has rows left.
+        more = np.int32(batch is not None)
+        if jax.process_count() > 1:
+          more = multihost_utils.process_allgather(more).max()
+        if not more:
+          break
+        if batch is None:  # this group is done: feed empty rows, write nothing
+          full = seg = pos = np.zeros((0, T + 1), np.int32)
+        else:
+          full, seg, pos = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
+        n = len(full)
+        if n < b:  # a last partial batch: pad with empty rows so the compiled shape is reused
+          pad = ((0, b - n), (0, 0))
+          full, seg, pos = (np.pad(a, pad) for a in (full, seg, pos))
+        with activation_sharding(mesh, exp.rules):
+          logp, ids = topk(params, *(host_to_global(np.ascontiguousarray(a[:, :-1], np.int32),
+                                                    batch_sharding) for a in (full, pos, seg)))
+        logp, ids = global_to_host(logp), global_to_host(ids)
+        if quota is not None:
+          n = min(n, quota - done)
+        if writer is not None:
+          for i in range(n):
+            writer.write(full[i], seg[i], pos[i], logp[i], ids[i])
+        done += n
+        if bar is not None:
+          bar.update(n)
+  except BaseException:
+    stop_threads(row_iter)  # no reader thread logs on after the error line
+    raise
   if bar is not None:
     bar.close()
   return writer.meta if writer is not None else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import threading
@@ -186,14 +185,10 @@ def load_teacher(exp: Experiment, mesh) -> tuple[ModelConfig, dict]:
 
 def make_eval_step(exp: Experiment):
   """(params, batch) -> summed eval statistics, in the train step's micro-batches (its memory)."""
-  def eval_step(params, batch):
-    def sums(micro_batch):
-      s = loss_sums(exp.model, params, micro_batch, chunk=exp.train.loss_chunk, z_loss=0.0)
-      return {"nll": s["nll"], "weight": s["weight"], "correct": s["correct"],
-              "bytes": jnp.sum(micro_batch["target_bytes"].astype(jnp.float32))}
+  from gemma2_jax.evaluate import make_eval_step as eval_step_for
 
-    return sum_over_micro_batches(sums, batch, exp.train.grad_accum_steps)
-  return eval_step
+  return eval_step_for(exp.model, chunk=exp.train.loss_chunk,
+                       micro_batches=exp.train.grad_accum_steps)
 
 
 @dataclasses.dataclass
@@ -253,7 +248,8 @@ class Trainer:
     self.exp = exp
     self.workdir = paths.as_path(workdir)
     if exp.init_from:
-      checkpoint.detect_format(exp.init_from)  # a wrong path fails here, before the workdir is touched
+      # A wrong path, or a checkpoint of another model, fails here, before the workdir is touched.
+      checkpoint.check_config(exp.init_from, exp.model, what="init_from")
     self.mesh = make_mesh(exp.mesh)
     self.tx, self.schedule = make_optimizer(exp.optimizer, exp.train.steps)
     self.sh = state_shardings(exp, self.mesh, self.tx)
@@ -296,24 +292,14 @@ class Trainer:
 
   def evaluate(self, params) -> dict:
     from gemma2_jax.data.pipeline import make_eval_iterator
+    from gemma2_jax.evaluate import run_eval
 
     group = data_group(self.sh.batch, self.exp.data_eval.global_batch)
     it = make_eval_iterator(self.exp.data_eval, num_batches=self.exp.train.eval_batches,
                             process_index=group.index, process_count=group.count, **self.data_kw)
-    totals = None
     with self._sharding_ctx():
-      for _ in range(self.exp.train.eval_batches):
-        batch = next(it, None)
-        if batch is None:
-          break
-        out = self.eval_step(params, to_global({k: batch[k] for k in (*BATCH_KEYS,
-                                                                      "target_bytes")}, self.sh))
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
-    nll, weight = float(totals["nll"]), max(float(totals["weight"]), 1.0)
-    return {"eval_loss": nll / weight, "eval_perplexity": math.exp(min(nll / weight, 50.0)),
-            "eval_accuracy": float(totals["correct"]) / weight,
-            "eval_bits_per_byte": nll / math.log(2) / max(float(totals["bytes"]), 1.0)}
+      return run_eval(self.eval_step, params, it, lambda b: to_global(b, self.sh),
+                      max_batches=self.exp.train.eval_batches)
 
   def _check_workdir(self):
     """A workdir belongs to one model: refuse (before touching anything) to mix runs.
@@ -332,8 +318,19 @@ class Trainer:
     path = self.workdir / "config.json"
     mine = self.exp.to_json_dict()
     if path.exists():
+      try:
+        saved = json.loads(path.read_text())
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        saved = e
+      if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        why = (f"not valid JSON ({saved})" if isinstance(saved, Exception)
+               else "not the config of a training run (no model section)")
+        # Never rewritten here: it is what ties the workdir's checkpoints to their model.
+        raise checkpoint.CheckpointError(
+          f"{path} is {why}; every checkpoint keeps a copy of it: restore it with cp "
+          f"{self.workdir / 'checkpoints'}/STEP/config/metadata {path}, or use a new --workdir")
       # Fields added to ModelConfig after that run was written take their defaults.
-      theirs = {**dataclass_defaults(ModelConfig), **json.loads(path.read_text()).get("model", {})}
+      theirs = {**dataclass_defaults(ModelConfig), **saved["model"]}
       diff = sorted(k for k in set(theirs) | set(mine["model"])
                     if theirs.get(k) != mine["model"].get(k) and k not in _RESUMABLE_MODEL_KEYS)
       if diff:
@@ -360,6 +357,7 @@ class Trainer:
       state = self.restore_or_init(ckpt)
     except BaseException:
       ckpt.close()  # stop Orbax's background threads before the error propagates
+      self._stop_data()
       raise
     start = int(jax.device_get(state.step))
     config_json = exp.to_json_dict()
@@ -442,6 +440,9 @@ class Trainer:
           if exp.checkpoint.export_hf:
             summary["hf_export"] = str(
               export_hf(state.params, exp.model, self.workdir / f"hf_step{tcfg.steps}"))
+      except BaseException:
+        self._stop_data()  # its reader threads would log on after the error line
+        raise
       finally:
         if bar is not None:
           bar.close()
@@ -449,6 +450,12 @@ class Trainer:
         ckpt.close()
     self.state = state
     return summary
+
+  def _stop_data(self):
+    """Stops and joins the train data pipeline's threads (so an error is the last line printed)."""
+    close = getattr(self.train_iter, "close", None)  # tests may substitute a plain iterator
+    if close is not None:
+      close()
 
   def _check_finite(self, m: dict, step: int) -> int:
     """1 if step's update was skipped as non-finite, 0 if finite; raises in 'stop' mode."""

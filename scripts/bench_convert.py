@@ -127,10 +127,13 @@ def main(argv=None) -> int:
     assert rc == 0, tail
     steps = [("HF -> native", "hf", "native", "native"), ("native -> HF", "native", "hf2", "hf"),
              ("HF -> Kaggle", "hf", "kaggle", "kaggle"), ("Kaggle -> HF", "kaggle", "hf3", "hf")]
+    # A Kaggle tree stores no config and these shapes are no release's: convert is told the config.
+    (root / "model_config.json").write_text(json.dumps(cfg.to_dict()))
     rows = []
     for name, src, dst, fmt in steps:
+      extra = ["--model_config", str(root / "model_config.json")] if src == "kaggle" else []
       rc, peak, secs, tail = _run("gemma2_jax.convert", "--src", str(root / src), "--dst",
-                                  str(root / dst), "--to", fmt)
+                                  str(root / dst), "--to", fmt, *extra)
       if rc != 0:
         print(f"{name} failed (exit {rc}):\n{tail}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -47,6 +48,47 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   """A checkpoint's model config, from its config file or tensor metadata (no weights are read)."""
   path = epath.Path(path)
   return _MODULES[detect_format(path)].read_config(path)
+
+
+# ModelConfig fields that a checkpoint's config may hold differently from the run reading it: they set
+# numerics and memory of the run (param_dtype: the weights are cast on load), not what the model is.
+# The vocabulary may differ by padding only (see check_config).
+RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "attention_block_size", "remat",
+                  "scan_layers")
+
+
+def check_config(path: str | os.PathLike, cfg: ModelConfig, *, what: str = "init_from",
+                 fix: str = "set model.{name} to match, or point init_from at a checkpoint of this "
+                            "model") -> None:
+  """Refuses a checkpoint whose own model config differs from `cfg`, naming the first field (`what`
+  names the option that gave the path, `fix` is how to resolve it, with {name} the field).
+
+  Tensor shapes alone do not pin a model: the query scalar, the window, the soft-caps, RoPE's base
+  and the norm epsilon change nothing in them, and even a different hidden size can go unnoticed
+  when the checkpoint's tensors happen to match the run. Formats that store a config (HF, native, a
+  training workdir) are compared field by field, except RUNTIME_FIELDS and vocabulary padding: the
+  checkpoint may hold the run's vocab_size rows or only its num_real_tokens (HF stores the 256000
+  real rows of a 256128-row model), and num_real_tokens (which padding rows the run masks) is the
+  run's to set (the data pipeline checks it against the tokenizer). A Kaggle tree stores no config;
+  its shapes are checked tensor by tensor when it is read.
+  """
+  path = epath.Path(path)
+  if detect_format(path) == "kaggle":
+    return
+  theirs = read_config(path)
+  for f in dataclasses.fields(ModelConfig):
+    name = f.name
+    if name in RUNTIME_FIELDS or name in ("vocab_size", "num_real_tokens"):
+      continue
+    a, b = getattr(theirs, name), getattr(cfg, name)
+    if a != b:
+      raise CheckpointError(f"{what} {path}: the checkpoint's config has {name}={a!r}, the model "
+                            f"config given has {name}={b!r}; {fix.format(name=name)}")
+  if theirs.vocab_size not in (cfg.vocab_size, cfg.num_real_tokens):
+    raise CheckpointError(
+      f"{what} {path}: the checkpoint's config has vocab_size={theirs.vocab_size}, the model config "
+      f"given has vocab_size={cfg.vocab_size} (num_real_tokens={cfg.num_real_tokens}): a model of "
+      f"another tokenizer; {fix.format(name='vocab_size')}")
 
 
 def stored_dtype(path: str | os.PathLike) -> np.dtype:
@@ -114,6 +156,10 @@ def save_params(params: dict, cfg: ModelConfig, path: str | os.PathLike, format:
   """
   if format not in FORMATS:
     raise CheckpointError(f"unknown format {format!r}; choose one of {FORMATS}")
+  if dtype is not None and not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+    # A cast of weights to an integer type would write (mostly) zeros.
+    raise CheckpointError(f"cannot write weights as {np.dtype(dtype).name}: use a float dtype "
+                          "(float32, bfloat16, float16)")
   if paths.is_remote(path):
     return _save_remote(params, cfg, epath.Path(path), format, dtype, progress=progress, **kwargs)
   path = Path(path)
@@ -170,5 +216,5 @@ def save_model(model: Transformer, path: str | os.PathLike, format: str = "nativ
   return save_params(params, model.config, path, format, dtype, **kwargs)
 
 
-__all__ = ["FORMATS", "CheckpointError", "detect_format", "load_model", "load_params",
-           "load_sharded", "read_config", "save_model", "save_params", "stored_dtype"]
+__all__ = ["FORMATS", "RUNTIME_FIELDS", "CheckpointError", "check_config", "detect_format", "load_model",
+           "load_params", "load_sharded", "read_config", "save_model", "save_params", "stored_dtype"]

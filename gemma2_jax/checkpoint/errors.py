@@ -3,3 +3,16 @@
 
 class CheckpointError(ValueError):
   pass
+
+
+def cause_line(e: BaseException, limit: int = 400) -> str:
+  """`Type: first line` of the innermost exception `e` was raised from.
+
+  Orbax wraps a storage failure (the one that names the array and the file) in exceptions whose
+  text is a dump of the TensorStore spec; the innermost one is what a user can act on.
+  """
+  root = e
+  while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+    root = root.__cause__ or root.__context__
+  text = (str(root).strip().splitlines() or [""])[0]
+  return f"{type(root).__name__}: {' '.join(text.split())[:limit]}"

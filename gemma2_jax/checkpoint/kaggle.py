@@ -47,8 +47,12 @@ def _flatten(tree, prefix="") -> dict:
   return {prefix[:-1]: tree}
 
 
-def infer_config(shapes: dict[str, tuple]) -> ModelConfig:
-  """Shapes -> config; query_pre_attn_scalar comes from the matching release (27B: 144)."""
+def infer_config(shapes: dict[str, tuple], path=None) -> ModelConfig:
+  """Shapes -> the Gemma 2 release of those shapes (its query_pre_attn_scalar, window, soft-caps).
+
+  A Kaggle tree stores no config, and those fields leave no trace in the shapes: a tree of shapes
+  that match no release is refused (guessing them would load another model without a word).
+  """
   try:
     V, D = shapes[_T + "embedder/input_embedding"]
     N, _, H = shapes[_T + "layer_0/attn/q_einsum/w"]
@@ -62,12 +66,15 @@ def infer_config(shapes: dict[str, tuple]) -> ModelConfig:
     if (p.num_layers, p.d_model, p.num_heads, p.num_kv_heads, p.head_dim, p.ffn_dim) == (
         L, D, N, K, H, F):
       return p.replace(vocab_size=V, num_real_tokens=min(V, 256000))
-  return ModelConfig(vocab_size=V, num_layers=L, d_model=D, num_heads=N, num_kv_heads=K,
-                     head_dim=H, ffn_dim=F, query_pre_attn_scalar=H)
+  raise CheckpointError(
+    f"{path or 'Kaggle checkpoint'}: a Kaggle checkpoint of shapes L={L} D={D} N={N} K={K} H={H} "
+    f"F={F} V={V} matches no Gemma 2 release, and it stores no config: its query_pre_attn_scalar, "
+    "sliding_window and soft-caps cannot be read from it. Give its model config (convert: --preset "
+    "or --model_config; teacher: teacher.preset; Python: config=)")
 
 
 def read_config(path: epath.Path) -> ModelConfig:
-  return infer_config({k: tuple(v.shape) for k, v in _flatten(orbax_io.metadata(path)).items()})
+  return infer_config({k: tuple(v.shape) for k, v in _flatten(orbax_io.metadata(path)).items()}, path)
 
 
 def stored_dtype(path: epath.Path) -> np.dtype:
@@ -99,7 +106,7 @@ def _open(path: epath.Path, config: ModelConfig | None,
   """Config, the stored metadata tree and the checked tensor plan; reads no tensor data."""
   tree = orbax_io.metadata(path)
   stored = _flatten(tree)
-  cfg = config or infer_config({k: tuple(v.shape) for k, v in stored.items()})
+  cfg = config or infer_config({k: tuple(v.shape) for k, v in stored.items()}, path)
   if gating_transposed is None:
     gating_transposed = _detect_gating_layout(cfg, stored.get(_L.format(i=0) + "mlp/gating_einsum"))
   table = entries(cfg, gating_transposed)

@@ -18,7 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gemma2_jax.checkpoint.errors import CheckpointError
+from gemma2_jax.checkpoint.errors import CheckpointError, cause_line
+from gemma2_jax.data.sources import DataError
 from gemma2_jax.paths import as_path
 
 
@@ -100,7 +101,12 @@ class TrainCheckpointer:
     return int(files[0].stem.rsplit("-of-", 1)[1]) if files else 0
 
   def restore(self, step: int, abstract_state, data_iterator) -> Any:
-    """Restores the state onto the shardings carried by `abstract_state` (any mesh)."""
+    """Restores the state onto the shardings carried by `abstract_state` (any mesh).
+
+    A step that does not read back (a truncated or corrupt file) is refused with one CheckpointError
+    naming the step, the array and file that failed, and how to set the step aside; it is never
+    skipped or deleted here (see `_unreadable`).
+    """
     import grain.checkpoint
 
     items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -113,7 +119,24 @@ class TrainCheckpointer:
           "processes, or set checkpoint.restore_data=False to restart the data stream (documents "
           "already seen may be seen again)")
       items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
-    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    except (CheckpointError, DataError):
+      raise
+    except Exception as e:  # orbax / tensorstore / json: a truncated or corrupt file of this step
+      raise CheckpointError(self._unreadable(step, e)) from None
+
+  def _unreadable(self, step: int, e: Exception) -> str:
+    """The one line for a step that does not read back. Nothing is deleted or skipped on its own:
+    falling back silently would retrain steps (and on several hosts every process would have to
+    agree on the fallback); moving the step away is the user's explicit choice."""
+    step_dir = self.directory / str(step)
+    older = [s for s in self.manager.all_steps() if s < step]
+    then = (f"re-run: training resumes from step {max(older)}" if older else
+            "re-run: training starts from scratch (no older checkpoint)")
+    return (f"checkpoint step {step} in {self.directory} cannot be read ({cause_line(e)}); nothing "
+            f"was changed. To skip it, move that step's directory out of the checkpoints (e.g. mv {step_dir} "
+            f"{self.directory.parent / f'unreadable_step_{step}'}) and {then}")
 
   def restore_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gemma2_jax.checkpoint.errors import CheckpointError
+from gemma2_jax.checkpoint.errors import CheckpointError, cause_line
 
 
 def _orbax_path(path: epath.Path) -> epath.Path:
@@ -18,8 +18,7 @@ def _orbax_path(path: epath.Path) -> epath.Path:
 
 
 def _one_line(e: Exception) -> str:
-  text = " ".join(str(e).split())
-  return f"{type(e).__name__}: {text[:300]}"
+  return cause_line(e, 300)
 
 
 def metadata(path: epath.Path) -> dict:

@@ -60,9 +60,21 @@ def _open(path: epath.Path, config: ModelConfig | None) -> tuple[ModelConfig, ep
   return cfg, state, tree
 
 
+def _restore(state: epath.Path, tree: dict, **kwargs) -> dict:
+  """As for a resume (TrainCheckpointer.restore): an unreadable newest step is refused, never
+  skipped on its own; the message says how to skip it."""
+  try:
+    return orbax_io.restore(state, tree, partial=True, **kwargs)["params"]
+  except CheckpointError as e:
+    step = state.parent
+    raise CheckpointError(f"{e}; nothing was changed. To use the step before it, move {step} out of "
+                          f"the checkpoints (e.g. mv {step} {step.parent.parent}/unreadable_step_"
+                          f"{step.name})") from None
+
+
 def load(path: epath.Path, dtype, config: ModelConfig | None = None, progress=None):
   cfg, state, tree = _open(path, config)
-  params = orbax_io.restore(state, tree, dtype, partial=True)["params"]
+  params = _restore(state, tree, dtype=dtype)
   if progress is not None:
     progress.reset(total=1)
     progress.update(1)
@@ -73,4 +85,4 @@ def load_sharded(path: epath.Path, dtype, shardings, config: ModelConfig | None 
   """Only the params of the newest checkpoint, restored straight onto their target shardings."""
   cfg, state, tree = _open(path, config)
   args = {"params": native.sharded_args(cfg, tree["params"], dtype, shardings)}
-  return cfg, orbax_io.restore(state, tree, partial=True, restore_args=args)["params"]
+  return cfg, _restore(state, tree, restore_args=args)

@@ -47,8 +47,8 @@ import grain
 import grain.python as gp
 import numpy as np
 
-from gemma2_jax.data.pipeline import _from_json, model_batch  # the pipeline's own derivations
-from gemma2_jax.data.sources import DataError
+from gemma2_jax.data.pipeline import _from_json, model_batch, stop_threads  # the pipeline's own
+from gemma2_jax.data.sources import ArrayRecords, DataError
 from gemma2_jax.paths import as_path, glob, is_remote
 
 FORMAT = "gemma2_jax.teacher_topk"
@@ -358,8 +358,12 @@ def _read_meta(directory: str) -> dict:
   path = as_path(directory) / "meta.json"
   if not path.exists():
     raise DataError(f"no meta.json in {directory}: not a finished teacher_logits output")
-  meta = json.loads(path.read_text())
-  if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+  try:
+    meta = json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: not valid JSON ({e}); re-run teacher_logits") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    meta = meta if isinstance(meta, dict) else {}
     raise DataError(f"{path} is not a {FORMAT} v{VERSION} meta.json (format={meta.get('format')!r}, "
                     f"version={meta.get('version')!r})")
   return meta
@@ -423,7 +427,16 @@ class OfflineIterator(Iterator[dict[str, np.ndarray]]):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+    try:
+      return next(self._it)
+    except StopIteration:
+      raise
+    except BaseException:
+      self.close()  # no reader thread outlives the error (see pipeline.stop_threads)
+      raise
+
+  def close(self) -> None:
+    stop_threads(self._it)
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": json.loads(json.dumps(self._it.get_state())), "fingerprint": self._fingerprint}
@@ -471,7 +484,7 @@ def make_offline_iterator(paths: str | Sequence[str], *, global_batch: int, seq_
                  logprob_bits=q["logprob_bits"], logprob_min=q["logprob_min"])
   if codec.id_bits != q["id_bits"]:
     raise DataError(f"meta.json id_bits {q['id_bits']} != {codec.id_bits} for vocab {meta['vocab_size']}")
-  source = gp.ArrayRecordDataSource(files)
+  source = ArrayRecords(files)
   n = len(source)
   if n < process_count:
     raise DataError(f"{n} teacher top-k rows are fewer than the {process_count} processes reading them")

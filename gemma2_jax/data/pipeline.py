@@ -186,7 +186,13 @@ def _check_prepared(src, tok: Tokenizer, label: str) -> None:
   if not meta_path.exists():
     log.warning("source %r: no meta.json next to the shards; cannot verify the tokenizer", label)
     return
-  meta = json.loads(meta_path.read_text())
+  try:
+    meta = json.loads(meta_path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{meta_path}: not valid JSON ({e}); it is written last by prepare_data, so its "
+                    "output may be incomplete: re-run prepare_data") from None
+  if not isinstance(meta, dict):
+    raise DataError(f"{meta_path}: expected a JSON object (written by prepare_data)")
   if meta.get("tokenizer_sha256") not in (None, tok.sha256):
     raise DataError(f"source {label!r} was tokenized with {meta.get('tokenizer')} "
                     f"(sha256 {meta['tokenizer_sha256'][:12]}), not {tok.path} "
@@ -221,11 +227,38 @@ def _rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count:
                                {n: sc.weight for n, sc in zip(names, cfg.sources, strict=True)})
 
 
+def stop_threads(it) -> None:
+  """Closes a grain iterator and waits for its reader threads (and worker processes) to end.
+
+  grain's own close() leaves running prefetch tasks to finish in the background: after an error
+  they would go on reading (and logging bad records) while the error is printed. Here pending tasks
+  are cancelled and the running ones joined, so nothing of the pipeline outlives the call.
+  """
+  from concurrent import futures
+
+  close = getattr(it, "close", None)
+  if close is not None:
+    close()  # recursive: stops worker processes and thread-prefetch loops (joined by grain)
+  seen, todo = set(), [it]
+  while todo:  # grain internals (guarded): every iterator of the tree and its thread pool
+    node = todo.pop()
+    if id(node) in seen:
+      continue
+    seen.add(id(node))
+    executor = getattr(node, "_executor", None)
+    if isinstance(executor, futures.ThreadPoolExecutor):
+      executor.shutdown(wait=True, cancel_futures=True)
+    todo.extend(p for p in getattr(node, "_parents", ()) if hasattr(p, "__next__"))
+
+
 class DataIterator(Iterator[dict[str, np.ndarray]]):
   """Batches of the documented layout; get_state()/set_state() are JSON-serialisable dicts.
 
   With `pad_to`, a finite pipeline is padded with all-padding batches (loss_mask 0) until `pad_to`
   batches were produced, so every process of a multi-host eval runs the same number of steps.
+
+  An error while reading (bad data, an unreadable file) stops the pipeline's threads before it
+  propagates (see `stop_threads`); `close()` does the same at any time.
   """
 
   def __init__(self, ds: grain.IterDataset, *, batch_size: int, seq_len: int,
@@ -257,6 +290,9 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         batch = next(self._it)
       except StopIteration:
         self._done = True
+      except BaseException:
+        self.close()
+        raise
     if batch is None:
       if self._pad_to is None:
         raise StopIteration
@@ -266,6 +302,9 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
       batch = {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
     self._count += 1
     return batch
+
+  def close(self) -> None:
+    stop_threads(self._it)
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": _jsonable(self._it.get_state()), "count": self._count, "done": self._done,

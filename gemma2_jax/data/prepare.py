@@ -20,6 +20,7 @@ import numpy as np
 from gemma2_jax.cli import ArgumentParser
 from gemma2_jax.data.config import SourceConfig
 from gemma2_jax.data.sources import STATS, DataError, open_source
+from gemma2_jax.data.tokenizer import MIN_VOCAB_SIZE
 from gemma2_jax.paths import is_remote
 
 # group_size:1 keeps every record independently readable: random access for global shuffling.
@@ -107,6 +108,9 @@ def tokenize_corpus(source: SourceConfig, tokenizer_path: str, output_dir: str, 
     # array_record writes local files only: os.makedirs would make a local directory named `gs:`.
     raise DataError(f"output_dir {output_dir}: shards are written to a local directory (or a gcsfuse "
                     "mount); copy them to the bucket afterwards, training reads gs:// directly")
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise DataError(f"output_dir {output_dir} exists and is not a directory; name a new or existing "
+                    "directory")
   t0 = time.perf_counter()
   tok = Tokenizer(tokenizer_path)
   tok.check()
@@ -189,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
   r.add_argument("--character_coverage", type=float, default=0.9995)
   r.add_argument("--max_docs", type=int, default=1_000_000)
   a = p.parse_args(argv)
+  for name in ("num_shards", "num_workers", "max_docs"):
+    if getattr(a, name, None) is not None and getattr(a, name) < 1:
+      p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+  if a.cmd == "train-tokenizer":
+    if a.vocab_size < MIN_VOCAB_SIZE:
+      p.error(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (4 special ids, 256 byte-fallback "
+              f"pieces and the corpus's characters), got {a.vocab_size}")
+    if not 0 < a.character_coverage <= 1:
+      p.error(f"--character_coverage must be in (0, 1], got {a.character_coverage}")
   try:
     sc = SourceConfig(paths=tuple(a.input), format=a.format, text_field=a.text_field,
                       doc_per=a.doc_per)
@@ -214,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                                character_coverage=a.character_coverage)
       print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces)")
   except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  except OSError as e:  # e.g. an output path that cannot be created or written
+    where = " ".join(str(f) for f in (e.filename, e.filename2) if f) or a.cmd
+    print(f"error: {e.strerror or e}: {where} (check the input and output paths)", file=sys.stderr)
     return 2
   return 0
 

@@ -120,6 +120,16 @@ def decode_utf8(raw: bytes, where: str, bad_utf8: str) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def reader_error(path: str, what: str, e: BaseException) -> DataError:
+  """A reader library's exception as one DataError line naming the file (the libraries name none)."""
+  return DataError(f"{path}: {what} ({_first_line(e)})")
+
+
 class _Files:
   """Thread-safe positional reads, local or remote (fsspec, as epath uses for gs:// without
   TensorFlow); handles are reopened lazily after pickling (grain workers)."""
@@ -299,11 +309,17 @@ class ParquetSource:
     self._bad_records = bad_records
     rg_rows = []
     for path in self._paths:
-      with _parquet_file(path) as pf:
-        names = pf.schema_arrow.names
-        if text_field not in names:
-          raise DataError(f"{path}: no column {text_field!r} (columns: {names})")
-        rg_rows.append([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+      try:
+        with _parquet_file(path) as pf:
+          names = pf.schema_arrow.names
+          rows = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+      except DataError:
+        raise
+      except Exception as e:  # pyarrow raises ArrowInvalid / OSError / ... for a non-Parquet file
+        raise reader_error(path, "not a readable Parquet file", e) from None
+      if text_field not in names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {names})")
+      rg_rows.append(rows)
     self._index = [(f, g) for f, rows in enumerate(rg_rows) for g in range(len(rows))]
     sizes = [n for rows in rg_rows for n in rows]
     self._cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -336,13 +352,16 @@ class ParquetSource:
         return self._cache[k]
       f, g = self._index[k]
       path = self._paths[f]
-      if _is_remote(path):  # opened per row group: no handle is left open (see _parquet_file)
-        with _parquet_file(path) as pf:
-          col = pf.read_row_group(g, columns=[self._field]).column(0).to_pylist()
-      else:
-        if f not in self._pf:
-          self._pf[f] = pq.ParquetFile(path)
-        col = self._pf[f].read_row_group(g, columns=[self._field]).column(0).to_pylist()
+      try:
+        if _is_remote(path):  # opened per row group: no handle is left open (see _parquet_file)
+          with _parquet_file(path) as pf:
+            col = pf.read_row_group(g, columns=[self._field]).column(0).to_pylist()
+        else:
+          if f not in self._pf:
+            self._pf[f] = pq.ParquetFile(path)
+          col = self._pf[f].read_row_group(g, columns=[self._field]).column(0).to_pylist()
+      except Exception as e:  # e.g. a file cut short or changed after start-up
+        raise reader_error(path, f"cannot read Parquet row group {g}", e) from None
       self._cache[k] = col
       if len(self._cache) > self._CACHE:
         self._cache.popitem(last=False)
@@ -364,23 +383,95 @@ class ParquetSource:
     return text
 
 
-class ArrayRecordTokensSource:
-  """Pre-tokenized documents written by `prepare_data`: each record is little-endian int32 ids."""
+class ArrayRecords:
+  """grain's ArrayRecordDataSource whose reader errors (a truncated or corrupt shard, a file that is
+  not ArrayRecord) are one DataError naming the file: array_record's own messages name none."""
 
   def __init__(self, files: Sequence[str]):
     import grain.python as gp
 
-    self._src = gp.ArrayRecordDataSource(list(files))
+    self.files = list(files)
+    self._counts = None
+    try:
+      self._src = gp.ArrayRecordDataSource(self.files)
+    except Exception as e:  # opened on a thread pool: find which file it was
+      path, err = self._first_unreadable() or (", ".join(self.files[:3]), e)
+      raise reader_error(path, "not a readable ArrayRecord file", err) from None
+
+  def _first_unreadable(self) -> tuple[str, Exception] | None:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for path in self.files:
+      try:
+        ArrayRecordReader(path).close()
+      except Exception as e:
+        return path, e
+    return None
+
+  def _file_of(self, i: int) -> tuple[str, int | None]:
+    """(file, record in it) of record i; the counts are read only on this error path."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if self._counts is None:
+      counts = []
+      for path in self.files:
+        try:
+          reader = ArrayRecordReader(path)
+        except Exception:  # changed since start-up: this file is the one at fault
+          return path, None
+        counts.append(reader.num_records())
+        reader.close()
+      self._counts = np.cumsum(counts)
+    f = int(np.searchsorted(self._counts, i, side="right"))
+    return self.files[f], i - (int(self._counts[f - 1]) if f else 0)
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __getitem__(self, i: int) -> bytes:
+    try:
+      return self._src[i]
+    except Exception as e:
+      path, j = self._file_of(i)
+      record = "records" if j is None else f"record {j}"
+      raise reader_error(path, f"cannot read ArrayRecord {record}", e) from None
+
+  def __getitems__(self, ids: Sequence[int]) -> list[bytes]:
+    try:
+      return list(self._src.__getitems__(ids))
+    except Exception as e:
+      for i in ids:  # one at a time: which record (hence which file) fails
+        self[i]
+      raise reader_error(", ".join(self.files[:3]), "cannot read ArrayRecord records", e) from None
+
+  def where(self, i: int) -> str:
+    path, j = self._file_of(i)
+    return path if j is None else f"{path} record {j}"
+
+
+class ArrayRecordTokensSource:
+  """Pre-tokenized documents written by `prepare_data`: each record is little-endian int32 ids."""
+
+  def __init__(self, files: Sequence[str]):
+    self._src = ArrayRecords(files)
     self.files = list(files)
 
   def __len__(self) -> int:
     return len(self._src)
 
   def __getitem__(self, i: int) -> np.ndarray:
-    return np.frombuffer(self._src[i], dtype="<i4").astype(np.int32)
+    return self._tokens([i], [self._src[i]])[0]
 
   def __getitems__(self, ids: Sequence[int]) -> list[np.ndarray]:
-    return [np.frombuffer(r, dtype="<i4").astype(np.int32) for r in self._src.__getitems__(ids)]
+    return self._tokens(ids, self._src.__getitems__(ids))
+
+  def _tokens(self, ids: Sequence[int], records: Sequence[bytes]) -> list[np.ndarray]:
+    try:
+      return [np.frombuffer(r, dtype="<i4").astype(np.int32) for r in records]
+    except ValueError:  # a record whose size is not a multiple of 4 bytes
+      i, r = next((i, r) for i, r in zip(ids, records, strict=True) if len(r) % 4)
+      raise DataError(f"{self._src.where(i)}: {len(r)} bytes is not a sequence of int32 token ids "
+                      "(not a prepare_data shard?)") from None
 
 
 class TfdsSource:
@@ -402,8 +493,24 @@ class TfdsSource:
   def __len__(self) -> int:
     return len(self._src)
 
+  def _where(self, i: int) -> str:
+    """The shard file holding example i (from the split's file instructions), for error lines."""
+    where = f"TFDS {self._name!r} example {i}"
+    try:
+      offset = 0
+      for fi in self._src.data_source._read_instructions:
+        if i < offset + fi.num_records:
+          return f"{fi.filename} ({where})"
+        offset += fi.num_records
+    except Exception:  # a tfds / grain version without these internals: the dataset name must do
+      pass
+    return where
+
   def __getitem__(self, i: int) -> str:
-    ex = self._src[i]
+    try:
+      ex = self._src[i]
+    except Exception as e:  # a truncated shard, a record that does not decode
+      raise reader_error(self._where(i), "cannot read the TFDS record", e) from None
     if self._field not in ex:
       raise DataError(f"TFDS {self._name!r}: no feature {self._field!r} (has {sorted(ex)})")
     text = ex[self._field]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,10 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 # Models may pad the embedding past the tokenizer (Gemma: 256000 pieces, 256128 rows); a bigger gap
 # is taken as a tokenizer that belongs to another model.
 MAX_PADDING_ROWS = 256
+
+# The trainer's fixed pieces (the 4 special ids and 256 byte-fallback pieces) plus at least one
+# character; a real corpus needs a piece per distinct character on top (SentencePiece says how many).
+MIN_VOCAB_SIZE = 4 + 256 + 1
 
 # Trainer options that reproduce Gemma's tokenizer behaviour: identity normalisation and no dummy
 # prefix or whitespace collapsing, so decode(encode(text)) == text byte for byte (Hangul included).
@@ -122,6 +127,9 @@ def train_tokenizer(inputs: Sequence[str] | str, model_prefix: str, *, vocab_siz
   """Trains a Gemma-convention SentencePiece model on text files; returns the .model path."""
   from gemma2_jax.data.sources import expand_paths
 
+  if vocab_size < MIN_VOCAB_SIZE:
+    raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (4 special ids, 256 byte-fallback "
+                    f"pieces and the corpus's characters), got {vocab_size}")
   files = expand_paths(inputs)
   opts = dict(GEMMA_TRAINER_OPTIONS, input=",".join(files), model_prefix=model_prefix,
               vocab_size=vocab_size, character_coverage=character_coverage,
@@ -131,5 +139,11 @@ def train_tokenizer(inputs: Sequence[str] | str, model_prefix: str, *, vocab_siz
   try:
     spm.SentencePieceTrainer.Train(**opts)
   except RuntimeError as e:
-    raise DataError(f"SentencePiece training failed: {str(e).splitlines()[-1]}") from None
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", text)
+    if m:  # SentencePiece's own words are an internal assertion
+      raise DataError(f"vocab_size {m[1]} is smaller than the {m[2]} pieces this corpus needs (its "
+                      f"characters at character_coverage={character_coverage}, the special ids and "
+                      "byte-fallback pieces): raise vocab_size or lower character_coverage") from None
+    raise DataError(f"SentencePiece training failed: {text}") from None
   return model_prefix + ".model"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal
+from typing import Literal, get_args
 
 import jax.numpy as jnp
 
-AttentionImpl = Literal["xla", "blockwise"]
+# "auto" picks per platform at trace time (resolve_attention_impl); "splash" is the TPU Pallas kernel
+# (interpret mode elsewhere: tests only), "gpu_flash" the GPU kernel.
+AttentionImpl = Literal["auto", "xla", "blockwise", "splash", "gpu_flash"]
+ATTENTION_IMPLS = get_args(AttentionImpl)
 Remat = Literal["none", "full", "save_dots"]
 
 
@@ -56,8 +59,8 @@ class ModelConfig:
       (self.num_real_tokens is None or 0 < self.num_real_tokens <= self.vocab_size,
        f"num_real_tokens ({self.num_real_tokens}) must be in (0, vocab_size={self.vocab_size}]"),
       (self.sliding_window > 0, f"sliding_window must be positive, got {self.sliding_window}"),
-      (self.attention_impl in ("xla", "blockwise"),
-       f"attention_impl must be 'xla' or 'blockwise', got {self.attention_impl!r}"),
+      (self.attention_impl in ATTENTION_IMPLS,
+       f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"),
       (self.remat in ("none", "full", "save_dots"),
        f"remat must be 'none', 'full' or 'save_dots', got {self.remat!r}"),
       (self.attention_block_size > 0,
@@ -99,6 +102,14 @@ class ModelConfig:
     D, F, N, K, H = self.d_model, self.ffn_dim, self.num_heads, self.num_kv_heads, self.head_dim
     per_layer = N * D * H + 2 * K * D * H + N * H * D + 2 * F * D + F * D + 4 * D
     return self.vocab_size * D + D + self.num_layers * per_layer
+
+
+def resolve_attention_impl(impl: str, platform: str) -> str:
+  """The kernel `impl` means on `platform` (a jax platform name): "auto" is splash on TPU, the GPU
+  flash kernel on GPU, and the XLA reference elsewhere; any other value means itself."""
+  if impl != "auto":
+    return impl
+  return {"tpu": "splash", "gpu": "gpu_flash", "cuda": "gpu_flash"}.get(platform, "xla")
 
 
 def gemma2_2b(**overrides) -> ModelConfig:

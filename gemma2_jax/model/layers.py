@@ -30,10 +30,13 @@ def apply_rope(x_BTNH, positions_BT, base: float):
   return out.astype(x_BTNH.dtype)
 
 
-def feed_forward(x_BTD, gating_CFD, linear_FD):
-  """GeGLU: gelu_tanh(x W_gate) * (x W_up) W_down; gating index 0 is the gelu branch."""
+def feed_forward(x_BTD, gating_CFD, linear_FD, gating_spec: str = "CFD"):
+  """GeGLU: gelu_tanh(x W_gate) * (x W_up) W_down; gating index 0 is the gelu branch.
+
+  `gating_spec` names the gating weight's axis order (the checkpoint's CFD, or DCF for decoding).
+  """
   # C after the batch axes: the dot's natural output layout (no transpose copy; faster on CPU).
-  gate_BTCF = jnp.einsum("BTD,CFD->BTCF", x_BTD, gating_CFD)
+  gate_BTCF = jnp.einsum(f"BTD,{gating_spec}->BTCF", x_BTD, gating_CFD)
   act_BTF = jax.nn.gelu(gate_BTCF[..., 0, :], approximate=True) * gate_BTCF[..., 1, :]
   return jnp.einsum("BTF,FD->BTD", act_BTF, linear_FD)
 
