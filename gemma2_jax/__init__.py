@@ -2,6 +2,7 @@
 
 from gemma2_jax.checkpoint import CheckpointError, load_model, load_params, save_model, save_params
 from gemma2_jax.model import ModelConfig, Transformer, get_preset
+from gemma2_jax.sampler import Sampler, SamplingConfig, generate
 
-__all__ = ["CheckpointError", "ModelConfig", "Transformer", "get_preset", "load_model",
-           "load_params", "save_model", "save_params"]
+__all__ = ["CheckpointError", "ModelConfig", "Sampler", "SamplingConfig", "Transformer", "generate",
+           "get_preset", "load_model", "load_params", "save_model", "save_params"]
