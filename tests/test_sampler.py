@@ -279,3 +279,14 @@ def test_cli_without_tokenizer_is_one_line(hf_dir, tmp_path):
   proc = _cli("--checkpoint", bare, "--prompt", "x", check_rc=1)
   assert proc.stderr.strip().splitlines()[-1] == (
     f"error: no tokenizer: {bare} has no tokenizer.model; pass --tokenizer PATH")
+
+
+def test_cli_streams_one_prompt(hf_dir, sampler):
+  from gemma2_jax.data.tokenizer import Tokenizer
+
+  tok = Tokenizer(TOKENIZER)
+  proc = _cli("--checkpoint", hf_dir[0], "--prompt", "부산의 바다", "--max_new_tokens", 20,
+              "--cache_dtype", "float32")
+  ref = sampler([[2, *tok.encode("부산의 바다")]], SamplingConfig(
+    max_new_tokens=20, temperature=0.0, stop_tokens=(1,), cache_dtype="float32"))[0]
+  assert proc.stdout == tok.decode([t for t in ref.tokens if t != 1]) + "\n"
