@@ -5,10 +5,11 @@
       --config.data.tokenizer=/ckpt/gemma/tokenizer.model
 
 Sized for a TPU v5p-128 slice (64 chips): fp32 params and AdamW state FSDP-sharded over all chips, bf16
-compute, blockwise attention (local layers cost O(T*W)), dot-saving remat, 4 micro-batches of 2
-sequences per chip. `python -m gemma2_jax.aot --config=configs/pretrain_2b.py --topology=v5p:4x4x4`:
-47.4 GiB peak per chip of 95 (183 GiB of temporaries without accumulation). Expect the train loss to
-fall below ~3 within the first few thousand steps on web text.
+compute, splash attention on TPU (attention_impl="auto": local layers visit only the key blocks inside
+the window), dot-saving remat, 4 micro-batches of 2 sequences per chip. `python -m gemma2_jax.aot
+--config=configs/pretrain_2b.py --topology=v5p:4x4x4`: 27.9 GiB peak per chip of 95 (47.4 with the
+XLA blockwise attention). Expect the train loss to fall below ~3 within the first few thousand steps on
+web text.
 """
 
 from gemma2_jax.experiment import base_config, set_corpus
@@ -16,7 +17,7 @@ from gemma2_jax.model.config import gemma2_2b
 
 
 def get_config():
-  model = gemma2_2b(dtype="bfloat16", attention_impl="blockwise", attention_block_size=1024,
+  model = gemma2_2b(dtype="bfloat16", attention_impl="auto", attention_block_size=512,
                     remat="save_dots")
   c = base_config(model, steps=500_000, global_batch=512, seq_len=8192, grad_accum_steps=4,
                   loss_chunk=1024, log_every=50, eval_every=2000, eval_batches=32)

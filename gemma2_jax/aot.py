@@ -1,4 +1,5 @@
-"""Compile the real train step ahead of time for a TPU slice and report per-chip memory.
+"""Compile the real train step ahead of time for a TPU slice; report per-chip memory, compile time and
+the step's FLOPs per chip (the trainer's MFU count against a count of the traced step's matmuls).
 
   pip install -e ".[tpu]"        # libtpu: lets this CPU host compile for TPU topologies
   python -m gemma2_jax.aot --config=configs/distill_9b.py --topology=v5p:4x4x4 \\
@@ -13,6 +14,7 @@ chip's HBM, 1 if it does not (or on bad input, with one `error:` line).
 from __future__ import annotations
 
 import sys
+import time
 
 from gemma2_jax.cli import ArgumentParser, parse_with_overrides
 
@@ -82,8 +84,8 @@ def _abstract_teacher(exp, mesh, teacher_cfg):
     param_shapes(teacher_cfg), teacher_shardings(exp, mesh), is_leaf=lambda x: isinstance(x, tuple))
 
 
-def compile_step(exp, devices):
-  """Lowers and compiles make_train_step for `devices`; returns the compiled executable."""
+def trace_step(exp, devices):
+  """Traces make_train_step for `devices` (a jax.stages.Traced: its jaxpr, then .lower().compile())."""
   import jax
 
   from gemma2_jax.sharding import activation_sharding
@@ -93,9 +95,13 @@ def compile_step(exp, devices):
   batch = {k: v for k, v in batch.items() if k in BATCH_KEYS + TOPK_KEYS}
   step = make_train_step(exp, tx, schedule, teacher_cfg)
   with activation_sharding(mesh, exp.rules):
-    lowered = jax.jit(step, out_shardings=(sh.state, sh.replicated), donate_argnums=0).lower(
+    return jax.jit(step, out_shardings=(sh.state, sh.replicated), donate_argnums=0).trace(
       state, batch, teacher)
-  return lowered.compile()
+
+
+def compile_step(exp, devices):
+  """Lowers and compiles make_train_step for `devices`; returns the compiled executable."""
+  return trace_step(exp, devices).lower().compile()
 
 
 def compile_eval_step(exp, devices):
@@ -127,6 +133,75 @@ def compile_teacher_logits_step(exp, devices, k: int = 128):
   rows = jax.ShapeDtypeStruct((B, exp.train.seq_len), jnp.int32, sharding=batch_sharding)
   with activation_sharding(mesh, exp.rules):
     return step.lower(teacher, rows, rows, rows).compile()
+
+
+def traced_flops(jaxpr, num_devices: int) -> tuple[float, float]:
+  """FLOPs per chip of every matmul in a traced step: (outside Pallas kernels, inside them).
+
+  XLA's cost analysis counts each while-loop body once, so it misses the scanned layers, micro-batches
+  and loss chunks; this walks the step's jaxpr (what XLA compiles: the backward pass and remat's
+  recomputation included) and multiplies scan bodies by their length. Outside shard_map the shapes are
+  global (divided by the chips); inside, per chip. A Pallas kernel counts its body once per grid
+  step, with every conditional block computed: an upper bound for kernels that skip masked blocks.
+  """
+  import math
+
+  def walk(jaxpr, scale, kernel, acc):
+    for eqn in jaxpr.eqns:
+      name, params = eqn.primitive.name, eqn.params
+      if name == "dot_general":
+        (contracting, _), _ = params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        acc[kernel] += scale * 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs[d] for d in contracting)
+        continue
+      if name == "cond":  # the most expensive branch
+        branches = [walk(b.jaxpr, scale, kernel, [0.0, 0.0]) for b in params["branches"]]
+        best = max(branches, key=sum)
+        acc[0], acc[1] = acc[0] + best[0], acc[1] + best[1]
+        continue
+      inner_scale, inner_kernel = scale, kernel
+      if name == "scan":
+        inner_scale *= params["length"]
+      elif name == "shard_map":
+        inner_scale *= num_devices
+      elif name == "pallas_call":
+        inner_scale, inner_kernel = scale * math.prod(params["grid_mapping"].grid), 1
+      for value in params.values():
+        for sub in value if isinstance(value, tuple | list) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            walk(sub, inner_scale, inner_kernel, acc)
+    return acc
+
+  outside, kernels = walk(jaxpr.jaxpr, 1.0 / num_devices, 0, [0.0, 0.0])
+  return outside, kernels
+
+
+def flops_report(exp, traced, compiled, num_devices: int, teacher_cfg=None) -> list[str]:
+  """The train step's FLOPs per chip: the model FLOPs the trainer's MFU uses, the traced count, and
+  XLA's cost analysis."""
+  from gemma2_jax import flops
+
+  T = exp.train.seq_len
+  per_chip = exp.train.global_batch * T / num_devices
+  model = flops.train_flops_per_token(exp.model, T) * per_chip
+  attention = 3 * flops.attention_flops_per_token(exp.model, T) * per_chip
+  outside, kernels = traced_flops(traced.jaxpr, num_devices)
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list | tuple) else cost or {}).get("flops", float("nan"))
+  teacher = ""
+  if teacher_cfg is not None:
+    teacher_fwd = flops.forward_flops_per_token(teacher_cfg, T) * per_chip
+    teacher = f"; the teacher's forward, not in MFU: {teacher_fwd / 1e12:.1f}"
+  return [
+    f"train step FLOPs per chip: model {model / 1e12:.1f} TFLOP (the trainer's MFU count: 3 x forward, "
+    f"attention over visible keys {attention / 1e12:.1f}{teacher})",
+    f"  traced {(outside + kernels) / 1e12:.1f} TFLOP = {outside / 1e12:.1f} XLA matmuls (backward and "
+    f"remat recompute included, loops x trip count) + {kernels / 1e12:.1f} in Pallas kernels (every "
+    f"grid step in full); XLA cost analysis {cost / 1e12:.1f} TFLOP (each loop body once, Pallas "
+    f"kernels not seen)",
+  ]
 
 
 def peak_bytes(compiled) -> int:
@@ -213,16 +288,24 @@ def main(argv=None) -> int:
     return 1
   devices = topology.devices
   processes = len({d.process_index for d in devices})
-  compiled = {}
+  compiled, seconds = {}, {}
   try:
     exp = from_config(apply_overrides(load_config_file(args.config), overrides),
                       num_devices=len(devices))
-    parts = {"train step": compile_step, "eval step": compile_eval_step}
+    traced = {}
+
+    def train_step(exp, devices):  # keeps the trace: the FLOP count reads its jaxpr
+      traced["train step"] = trace_step(exp, devices)
+      return traced["train step"].lower().compile()
+
+    parts = {"train step": train_step, "eval step": compile_eval_step}
     if exp.teacher is not None:  # the same config runs teacher_logits for offline distillation
       parts["teacher_logits step"] = compile_teacher_logits_step
     for name, compile_fn in parts.items():
+      start = time.perf_counter()
       try:
         compiled[name] = compile_fn(exp, devices)
+        seconds[name] = time.perf_counter() - start
       except Exception as e:  # XLA refuses at compile time a program that cannot fit the chip's HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
           raise
@@ -236,6 +319,8 @@ def main(argv=None) -> int:
   print(f"{args.config} on {args.topology} ({len(devices)} x {kind}, {processes} hosts), mesh {exp.mesh}, "
         f"mode {exp.distill_mode}, B={exp.train.global_batch} T={exp.train.seq_len}")
   print("\n".join(host_plan(exp, devices)))
+  teacher_cfg = teacher_model_config(exp) if exp.distill_mode == "online" else None
+  print("\n".join(flops_report(exp, traced["train step"], compiled["train step"], len(devices), teacher_cfg)))
   too_big = None
   for name, c in compiled.items():
     m, total = c.memory_analysis(), peak_bytes(c)
@@ -244,7 +329,8 @@ def main(argv=None) -> int:
     print(f"{name} per chip: arguments {m.argument_size_in_bytes / GiB:.2f} GiB, outputs "
           f"{m.output_size_in_bytes / GiB:.2f} GiB (aliased {m.alias_size_in_bytes / GiB:.2f}), "
           f"temporaries {m.temp_size_in_bytes / GiB:.2f} GiB -> peak {total / GiB:.2f} GiB"
-          + (f" of {hbm} GiB HBM: {'fits' if fits else 'DOES NOT FIT'}" if hbm else ""))
+          + (f" of {hbm} GiB HBM: {'fits' if fits else 'DOES NOT FIT'}" if hbm else "")
+          + f" (traced and compiled in {seconds[name]:.0f} s)")
   if too_big:
     print(f"error: the {too_big} does not fit {kind} HBM on {args.topology}", file=sys.stderr)
     return 1

@@ -23,15 +23,17 @@ def mean_keys(seq_len: int, window: int | None) -> float:
   return (window * (window + 1) / 2 + (T - window) * window) / T
 
 
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward QK^T and PV over the visible keys only (the part attention kernels compute)."""
+  windows = [cfg.sliding_window if layer % 2 == 0 else None for layer in range(cfg.num_layers)]
+  return sum(4 * cfg.num_heads * cfg.head_dim * mean_keys(seq_len, w) for w in windows)
+
+
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   D, F, N, K, H = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   per_layer_dense = 2 * (N * D * H + 2 * K * D * H + N * H * D + 3 * D * F)
   logits = 2 * D * cfg.vocab_size
-  attn = 0.0
-  for layer in range(cfg.num_layers):
-    window = cfg.sliding_window if layer % 2 == 0 else None
-    attn += 4 * N * H * mean_keys(seq_len, window)  # QK^T and PV
-  return cfg.num_layers * per_layer_dense + logits + attn
+  return cfg.num_layers * per_layer_dense + logits + attention_flops_per_token(cfg, seq_len)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -5,8 +5,10 @@
 
 Runs `python -m gemma2_jax.aot` (train, eval and, for distillation configs, teacher_logits steps; the
 per-host plan) once per config and topology, each in its own process, and prints a markdown table of
-per-chip peak memory (GiB of the chip's HBM) and the per-host figures. A part that does not fit stops
-that row (aot exits at the first such part).
+per-chip peak memory (GiB of the chip's HBM), the per-host figures and the train step's compile time.
+v5p runs each config on the slice it is sized for; v5e (16 GiB chips) with the changes listed in V5E.
+A part that does not fit stops that row (aot exits at the first such part); --log_dir keeps every
+run's full report (FLOPs per chip included).
 """
 
 import argparse
@@ -26,14 +28,30 @@ RELEASED = {
   "distill_2b": ("v5p:4x4x4", TEACHER),
   "distill_9b": ("v5p:4x4x8", TEACHER),
 }
-V5E = "v5e:16x16"  # the largest v5e slice: 256 chips of 16 GiB
+# v5e chips hold 16 GiB: each config on a v5e slice with the fewest changes that make it divide and fit:
+# one sequence per batch shard per micro-batch, and full remat (dot-saving remat keeps the matmul
+# outputs of a whole 8k sequence: 16 GiB at 2B already).
+V5E = {
+  "pretrain_2b": ("v5e:16x16", ["--config.train.grad_accum_steps=2", "--config.model.remat=full"]),
+  "pretrain_9b": ("v5e:16x16", ["--config.train.grad_accum_steps=4", "--config.model.remat=full"]),
+  "pretrain_27b": ("v5e:16x16", ["--config.model.remat=full"]),
+  "continue_pretrain_ko_9b": ("v5e:8x8", ["--config.train.grad_accum_steps=4",
+                                          "--config.model.remat=full"]),
+  "distill_2b": ("v5e:16x16", ["--config.train.grad_accum_steps=2", "--config.model.remat=full"]),
+  "distill_9b": ("v5e:16x16", ["--config.train.grad_accum_steps=2", "--config.model.remat=full"]),
+}
+
+# Further v5p rows: the 27B-teacher distillation on 8 chips (64 micro-batches of one sequence per chip).
+V5P_EXTRA = [("distill_9b", "v5p:2x2x2", TEACHER + ["--config.train.grad_accum_steps=64"])]
 
 
-def run(config: str, topology: str, extra: list[str]) -> dict:
+def run(config: str, topology: str, extra: list[str], log_dir: Path | None = None) -> dict:
   cmd = [sys.executable, "-m", "gemma2_jax.aot", f"--config=configs/{config}.py",
          f"--topology={topology}", *extra]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
   out = r.stdout
+  if log_dir is not None:  # the full report (FLOPs, compile times) of each run
+    (log_dir / f"{config}.{topology.replace(':', '_')}.txt").write_text(out + r.stderr[-4000:])
   row = {"rc": r.returncode}
   for part in ("train step", "eval step", "teacher_logits step"):
     m = re.search(rf"^{part} per chip: .*peak ([\d.]+) GiB", out, re.M)
@@ -41,6 +59,9 @@ def run(config: str, topology: str, extra: list[str]) -> dict:
       row[part] = float(m.group(1))
     elif re.search(rf"{part} DOES NOT FIT", out):
       row[part] = "does not fit"
+  m = re.search(r"^train step per chip: .*compiled in (\d+) s", out, re.M)
+  if m:
+    row["compile s"] = m.group(1)
   for key, pattern in (("hosts", r"^hosts: (\d+) in (\d+) data groups"),
                        ("init_from", r"^init_from: each host reads at most ([\d.]+) GiB"),
                        ("teacher", r"^teacher: each host reads at most ([\d.]+) GiB"),
@@ -63,18 +84,29 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--topologies", default="v5p,v5e", help="v5p (each config's own), v5e, or both")
+  parser.add_argument("--configs", default=",".join(RELEASED), help="comma-separated subset")
+  parser.add_argument("--log_dir", type=Path, default=None, help="keep each run's output here")
   args = parser.parse_args()
+  if args.log_dir:
+    args.log_dir.mkdir(parents=True, exist_ok=True)
   kinds = args.topologies.split(",")
-  print("| config | slice | train | eval | teacher_logits | hosts / data groups | init_from GiB/host "
-        "| teacher GiB/host | export GiB (host 0) |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for config, (v5p, extra) in RELEASED.items():
-    for topology in [t for k, t in (("v5p", v5p), ("v5e", V5E)) if k in kinds]:
-      row = run(config, topology, extra)
-      cells = [_cell(row, k) for k in ("train step", "eval step", "teacher_logits step", "hosts",
-                                         "init_from", "teacher", "export")]
-      print(f"| {config} | {topology} | " + " | ".join(cells) + " |"
-            + (f" {row['error']}" if "error" in row else ""), flush=True)
+  print("| config | slice | changes | train | eval | teacher_logits | hosts / data groups "
+        "| init_from GiB/host | teacher GiB/host | export GiB (host 0) | train compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  configs = args.configs.split(",")
+  jobs = []
+  for config in configs:
+    v5p, extra = RELEASED[config]
+    jobs += [(config, v5p, extra)] if "v5p" in kinds else []
+    jobs += [(config, V5E[config][0], extra + V5E[config][1])] if "v5e" in kinds else []
+  jobs += [job for job in V5P_EXTRA if "v5p" in kinds and job[0] in configs]
+  for config, topology, overrides in jobs:
+    row = run(config, topology, overrides, args.log_dir)
+    changes = " ".join(o.removeprefix("--config.") for o in overrides if o not in TEACHER) or "-"
+    cells = [_cell(row, k) for k in ("train step", "eval step", "teacher_logits step", "hosts",
+                                       "init_from", "teacher", "export", "compile s")]
+    print(f"| {config} | {topology} | {changes} | " + " | ".join(cells) + " |"
+          + (f" {row['error']}" if "error" in row else ""), flush=True)
 
 
 if __name__ == "__main__":
