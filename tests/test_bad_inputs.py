@@ -342,5 +342,5 @@ def test_kaggle_of_no_release_shapes_needs_a_config(tmp_path):
 def test_train_tokenizer_vocab_size_is_validated(tmp_path, size):
   proc = cli("prepare_data", "train-tokenizer", "--input", DATA / "ko" / "1809890.txt",
              "--model_prefix", tmp_path / "sp", f"--vocab_size={size}")
-  line = assert_one_error(proc, "--vocab_size must be at least 261", f"got {size}", rc=2)
+  line = assert_one_error(proc, "--vocab_size must be at least 263", f"got {size}", rc=2)
   assert "trainer_interface" not in line and not list(tmp_path.iterdir())

@@ -7,14 +7,25 @@ A conversation renders as
 and a prompt for generation ends with `<start_of_turn>model\\n`; the model answers `{text}<end_of_turn>`.
 `assistant` is an alias of `model`. Gemma has no system role: a system message is prepended to the
 first user turn, separated by a blank line (as the gemma library does).
+
+Chat training data (`SourceConfig(chat=True)`, see `conversation` for the record fields) is the same
+template as token ids (`encode`): `<start_of_turn>` and `<end_of_turn>` are single tokens (ids
+106 / 107 in Gemma's tokenizer, user-defined symbols in one from `prepare_data train-tokenizer`), and
+each token carries a loss weight: 1 on a model turn's text and its `<end_of_turn>` (what the model
+writes when sampled), 0 on user turns and on the scaffolding (`<bos>`, `<start_of_turn>model\\n`, the
+`\\n` after `<end_of_turn>`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 ROLES = {"user": "user", "model": "model", "assistant": "model", "system": "system"}
+RESPONSE_FIELDS = ("response", "completion")  # `completion`: what `sample --output` writes
 
 
 class ChatError(ValueError):
@@ -62,3 +73,126 @@ def render_prompt(messages: Sequence[dict] | str) -> str:
   if not turns or turns[-1][0] != "user":
     raise ChatError("a chat prompt must end with a user message")
   return "".join(turn(role, text) for role, text in turns) + generation_prefix()
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """One training conversation: (user|model, text) turns, system folded in, ending with a model turn.
+
+  last_id: the last of the record's `completion_ids` (a `sample --output` line), else None. The
+  sampler keeps the stop token there, so a last id that is neither `<eos>` nor `<end_of_turn>` means
+  the reply was cut at --max_new_tokens: it is trained without an `<end_of_turn>` (`encode`), which
+  would teach the model to stop mid-answer. The ids are compared with the training tokenizer's, so
+  the teacher is taken to share it (as distillation needs); drop `completion_ids` otherwise.
+  """
+
+  turns: tuple[tuple[str, str], ...]
+  last_id: int | None = None
+
+  def render(self) -> str:
+    return "".join(turn(role, text) for role, text in self.turns)
+
+
+def conversation(record: Mapping) -> Conversation:
+  """A JSONL object / Parquet row -> Conversation; raises ChatError for a malformed one.
+
+  Fields: `messages` ([{role: user|model|assistant|system, content}]), or `prompt` (a string: one
+  user turn, or a messages list ending with a user message) with `response` or `completion` (the
+  model's reply): the output of `python -m gemma2_jax.sample --chat --output` reads as it is.
+  Trailing turns after the last model turn are dropped (there is no reply in them to train on).
+  """
+  if not isinstance(record, Mapping):
+    raise ChatError(f"expected a JSON object, got {type(record).__name__}")
+  last_id = None
+  if "messages" in record:
+    messages = record["messages"]
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+      raise ChatError(f"'messages' is {type(messages).__name__}, not a list")
+    turns = normalize(messages)
+  else:
+    field = next((f for f in RESPONSE_FIELDS if f in record), None)
+    if "prompt" not in record or field is None:
+      raise ChatError(f"needs a 'messages' field, or 'prompt' and 'response' (or 'completion'); "
+                      f"has {sorted(record)[:8]}")
+    prompt, reply = record["prompt"], record[field]
+    if isinstance(prompt, str):
+      prompt = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, Sequence):
+      raise ChatError(f"'prompt' is {type(prompt).__name__}, not a string or a messages list")
+    turns = normalize(prompt)
+    if not turns or turns[-1][0] != "user":
+      raise ChatError("a prompt must end with a user message")
+    if not isinstance(reply, str) or not reply:
+      raise ChatError(f"{field!r} is empty or not a string")
+    turns.append(("model", reply))
+    ids = record.get("completion_ids") if field == "completion" else None
+    if isinstance(ids, Sequence | np.ndarray) and len(ids) and isinstance(ids[-1], int | np.integer):
+      last_id = int(ids[-1])
+  for i, (_, text) in enumerate(turns):
+    if text.isspace():  # normalize lets it through (a prompt may be blank); a target may not be
+      raise ChatError(f"turn {i} is only whitespace")
+  last_model = max((i for i, (role, _) in enumerate(turns) if role == "model"), default=None)
+  if last_model is None:
+    raise ChatError("no model (assistant) turn to train on")
+  return Conversation(tuple(turns[:last_model + 1]), last_id)
+
+
+def encode(conversations: Sequence[Conversation], tok, *, bos: bool
+           ) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
+  """Conversations -> (ids int32, loss weights uint8, cuts) each; `tok` is a data.Tokenizer.
+
+  The turn markers are looked up as ids (`tok.chat_ids()`, a DataError for a tokenizer without
+  them) and the text between them is encoded on its own, rather than trusting SentencePiece to cut
+  the rendered text at the markers (it does for user-defined pieces, not for control pieces).
+  Between two markers the text is one string, as the sampler encodes a rendered prompt, so a prompt
+  gets the same ids here as there; a model turn's text is encoded apart from its `model\\n` opener,
+  as the sampler prompts with the opener and the model writes the text after it.
+
+  cuts: token offsets just after each closed model turn's `<end_of_turn>`, where the conversation
+  may be truncated (see `fit`).
+  """
+  sot, eot = tok.chat_ids()
+  segments = ["model\n", "\n"]
+  for c in conversations:
+    for role, text in c.turns:
+      segments.append(text if role == "model" else f"{role}\n{text}")
+  pieces = iter(tok.encode_batch(segments))
+  model_opener, newline = next(pieces), next(pieces)
+  stops = (tok.sp.eos_id(), eot)
+  out = []
+  for c in conversations:
+    parts: list[tuple[list[int], int]] = [([tok.sp.bos_id()], 0)] if bos else []
+    cuts = []
+    for k, (role, _) in enumerate(c.turns):
+      if role != "model":
+        parts += [([sot], 0), (next(pieces), 0), ([eot], 0), (newline, 0)]
+        continue
+      parts += [([sot], 0), (model_opener, 0), (next(pieces), 1)]
+      if k == len(c.turns) - 1 and c.last_id is not None and c.last_id not in stops:
+        break  # a reply cut at --max_new_tokens: no <end_of_turn> (see Conversation)
+      parts.append(([eot], 1))
+      cuts.append(sum(len(p) for p, _ in parts))
+      parts.append((newline, 0))
+    ids = np.fromiter((i for p, _ in parts for i in p), np.int32)
+    weights = np.fromiter((w for p, w in parts for _ in p), np.uint8)
+    out.append((ids, weights, cuts))
+  return out
+
+
+def fit(ids: np.ndarray, weights: np.ndarray, cuts: Sequence[int], max_len: int
+        ) -> tuple[np.ndarray, np.ndarray] | None:
+  """A conversation of more than `max_len` tokens cut to fit a row; None when nothing trainable fits.
+
+  Cut after the last model turn whose `<end_of_turn>` fits; when not even the first one does, the
+  first `max_len` tokens are kept if a reply token is among them (the reply is then cut short,
+  without `<end_of_turn>`, like one cut at --max_new_tokens); else None (the prompt alone fills the
+  row). A kept piece trains on every reply token it holds (only a row's first token is no target).
+  """
+  if len(ids) <= max_len:
+    return ids, weights
+  n = max((c for c in cuts if c <= max_len), default=None)
+  if n is None:
+    n = max_len
+    if not weights[1:n].any():
+      return None
+  return ids[:n], weights[:n]

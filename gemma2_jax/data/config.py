@@ -17,6 +17,12 @@ class SourceConfig:
     auto (from the file extension).
   doc_per: for `text`: "line" (one document per non-empty line) or "file".
   weight: relative share of packed rows (so roughly of tokens) in a mixture.
+  chat: the records are conversations (SFT data), not text: a `jsonl` or `parquet` source whose
+    records have `messages` or `prompt` + `response` / `completion` (the output of `python -m
+    gemma2_jax.sample --chat --output`); see data.chat.conversation. They are rendered with Gemma's
+    chat template, the loss counts only the model turns (data.chat.encode), and each conversation
+    lies whole in one row (packed, with padding, never split; one longer than a row is cut at a turn
+    boundary: see pipeline). `text_field` is unused. Chat and text sources mix in one mixture.
   """
 
   paths: tuple[str, ...] = ()
@@ -28,6 +34,7 @@ class SourceConfig:
   tfds_name: str | None = None
   tfds_split: str = "train"
   tfds_data_dir: str | None = None
+  chat: bool = False
 
   def __post_init__(self):
     if isinstance(self.paths, str):
@@ -45,6 +52,8 @@ class SourceConfig:
         raise ValueError("a tfds source needs tfds_name")
     elif not self.paths:
       raise ValueError("source has no paths")
+    if self.chat and self.format not in ("auto", "jsonl", "parquet"):
+      raise ValueError(f"a chat source is jsonl or parquet, not {self.format!r}")
 
   @property
   def label(self) -> str:
@@ -56,11 +65,15 @@ class DataConfig:
   """Pipeline configuration (see pipeline.make_train_iterator for the batch layout).
 
   num_epochs: None = repeat forever (training); eval iterators always make one pass.
+  add_bos / add_eos: around each document; a chat conversation gets <bos> (per add_bos) and no
+    <eos>: its replies end with `<end_of_turn>`, where the sampler stops.
   long_docs: "split" (default; a document longer than a row continues in the next rows),
-    "truncate" (keep its first seq_len + 1 tokens) or "error".
+    "truncate" (keep its first seq_len + 1 tokens) or "error". A chat conversation is never split:
+    under "split" and "truncate" one longer than a row is cut at a turn boundary (see pipeline),
+    under "error" it is an error.
   bad_utf8: "replace" (U+FFFD, counted and logged) or "fail".
-  bad_records: malformed JSONL line / missing text field: "skip" (counted, logged with
-    file:line) or "fail".
+  bad_records: malformed JSONL line / missing text field / malformed conversation (unknown role,
+    empty content, no model turn): "skip" (counted, logged with file:line) or "fail".
   tokenize_batch: documents per SentencePiece batch call (amortises Python overhead).
   num_threads / prefetch: grain read threads and buffered tokenized chunks per process.
   num_workers: grain worker processes (0 = in-process threads only). The batch sequence depends

@@ -344,6 +344,10 @@ def packed_rows(cfg, tokenizer_path, *, vocab_size: int | None = None,
   from gemma2_jax.data.pipeline import _rows
   from gemma2_jax.data.tokenizer import Tokenizer
 
+  chat = [s.label for s in cfg.sources if s.chat]
+  if chat:  # the records keep tokens only: a chat loss mask would be lost, training every token
+    raise DataError(f"chat sources {chat} cannot be written as offline teacher records (they do not "
+                    "store the loss mask of model turns); distill chat data online (teacher.checkpoint)")
   tok = Tokenizer(tokenizer_path, num_threads=cfg.num_threads)
   tok.check(vocab_size, num_real_tokens=num_real_tokens)
   return _rows(cfg, tok, process_index=process_index, process_count=process_count, num_epochs=1,

@@ -14,10 +14,23 @@ Batch layout (B = global_batch // process_count, T = seq_len), all numpy:
   segment_ids [B, T] int32  1, 2, ... per document in the row; 0 = padding
   loss_mask   [B, T] float32  1 where targets[b, t] is the next token of the *same* document;
                               0 on padding and where tokens[b, t] is the last token of a document
-                              (its "next token" would be the next document's <bos>)
+                              (its "next token" would be the next document's <bos>); in a chat
+                              conversation also 0 unless targets[b, t] is a model turn's token
   target_bytes [B, T] int32  UTF-8 bytes of targets[b, t] where loss_mask, else 0 (bits per byte)
 Rows are packed with T + 1 tokens so that each row trains T predictions. A document longer than a
 row continues in the next row with positions restarting at 0 (no <bos> is inserted).
+
+Chat sources (`SourceConfig(chat=True)`): each conversation is <bos> + Gemma's chat template as ids
+with a loss weight per token (data.chat.encode: 1 on model turns' text and `<end_of_turn>`), no
+<eos> (a reply ends with `<end_of_turn>`, where the sampler stops). The weight rides along as a
+`weights` row feature, and loss_mask is also 0 where the weight of targets[b, t] is 0. Conversations
+are packed whole, several to a row with their own segment ids, by grain's best-fit packer over
+CHAT_PACKING_BINS rows at a time (padding the rest of a row): a reply split off its prompt into the
+next row would be trained without the context it answers. A conversation longer than a row
+(seq_len + 1 tokens) is cut after the last model turn that fits, or, when not even the first reply
+fits, keeps the row's worth of tokens (the reply cut short, trained without `<end_of_turn>`); one
+whose prompt alone fills the row is skipped (data.chat.fit). Each case is counted in
+STATS['long_chats'] / STATS['long_chats_skipped'] and logged; long_docs='error' makes it an error.
 """
 
 from __future__ import annotations
@@ -35,12 +48,17 @@ import grain.experimental as gx
 import grain.python as gp
 import numpy as np
 
+from gemma2_jax.data import chat
 from gemma2_jax.data.config import DataConfig
-from gemma2_jax.data.sources import STATS, ArrayRecordTokensSource, DataError, open_source
+from gemma2_jax.data.sources import STATS, ArrayRecordTokensSource, DataError, _note, open_source
 from gemma2_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from gemma2_jax.paths import as_path
 
 log = logging.getLogger(__name__)
+
+# Rows a chat source's best-fit packer fills at once: more bins mean less padding (a conversation
+# finds a row it fits) for a larger resume replay (up to this many rows are re-packed).
+CHAT_PACKING_BINS = 32
 
 
 class _ShardedEpochChunks(grain.MapDataset):
@@ -92,16 +110,20 @@ class _ShardedEpochChunks(grain.MapDataset):
 
 
 class _TokenizeChunk(grain.transforms.Map):
-  """list of documents (str | token array | None) -> list of {"tokens": int32 [len]}."""
+  """list of documents (str | token array | None) -> list of {"tokens": int32 [len]}; a chat
+  source's conversations -> {"tokens": int32 [len], "weights": uint8 [len]} of at most a row."""
 
-  def __init__(self, tok: Tokenizer, cfg: DataConfig, label: str):
+  def __init__(self, tok: Tokenizer, cfg: DataConfig, label: str, chat: bool = False):
     self._tok = tok
     self._bos, self._eos = cfg.add_bos, cfg.add_eos
     self._max_len = cfg.seq_len + 1
     self._long = cfg.long_docs
     self._label = label
+    self._chat = chat
 
   def map(self, docs):
+    if self._chat:
+      return self._conversations(docs)
     # Whitespace-only lines are not documents (prepare_data skips them the same way).
     texts = [d for d in docs if isinstance(d, str) and not d.isspace() and d]
     encoded = iter(self._tok.encode_batch(texts)) if texts else iter(())
@@ -134,6 +156,28 @@ class _TokenizeChunk(grain.transforms.Map):
       out.append({"tokens": arr})
     return out
 
+  def _conversations(self, docs):
+    out = []
+    convs = [d for d in docs if d is not None]  # None: a bad record, skipped and counted
+    for conv, (ids, weights, cuts) in zip(convs, chat.encode(convs, self._tok, bos=self._bos),
+                                         strict=True):
+      n = len(ids)
+      if n > self._max_len:
+        if self._long == "error":
+          raise DataError(f"source {self._label!r}: a conversation of {n} tokens is longer than a "
+                          f"row of {self._max_len} (long_docs='error')")
+        fitted = chat.fit(ids, weights, cuts, self._max_len)
+        first = conv.turns[0][1][:40].replace("\n", " ")
+        if fitted is None:
+          _note("long_chats_skipped", f"source {self._label!r}: a conversation of {n} tokens whose "
+                f"prompt alone fills a row of {self._max_len} is skipped ({first!r}...)")
+          continue
+        ids, weights = fitted
+        _note("long_chats", f"source {self._label!r}: a conversation of {n} tokens is longer than "
+              f"a row of {self._max_len}; cut to {len(ids)} ({first!r}...)")
+      out.append({"tokens": ids, "weights": weights})
+    return out
+
 
 class _Flatten(gx.FlatMapTransform):
   """Chunks back to documents; guards against a source whose every document is skipped."""
@@ -154,6 +198,20 @@ class _Flatten(gx.FlatMapTransform):
     return chunk
 
 
+class _ChatRow(grain.transforms.Map):
+  """A packed chat row without the packer's copies of segment ids / positions for `weights`."""
+
+  def map(self, row):
+    return {k: row[k] for k in ("tokens", "tokens_segment_ids", "tokens_positions", "weights")}
+
+
+class _AllWeights(grain.transforms.Map):
+  """A text row in a mixture with chat sources: every token weighs 1 (rows batch alike)."""
+
+  def map(self, row):
+    return dict(row, weights=np.ones(len(row["tokens"]), np.uint8))
+
+
 class _ToModelBatch(grain.transforms.Map):
   """Packed rows of T + 1 -> the documented batch dict."""
 
@@ -162,13 +220,16 @@ class _ToModelBatch(grain.transforms.Map):
 
   def map(self, rows):
     return model_batch(rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"],
-                       self._piece_bytes)
+                       self._piece_bytes, rows.get("weights"))
 
 
-def model_batch(full, seg, pos, piece_bytes) -> dict[str, np.ndarray]:
-  """Packed rows of T + 1 tokens (with segment ids, positions) -> the documented [B, T] batch."""
+def model_batch(full, seg, pos, piece_bytes, weights=None) -> dict[str, np.ndarray]:
+  """Packed rows of T + 1 tokens (with segment ids, positions and optionally per-token loss weights,
+  see chat sources) -> the documented [B, T] batch."""
   targets = full[:, 1:]
   mask = (seg[:, :-1] != 0) & (seg[:, 1:] == seg[:, :-1])
+  if weights is not None:  # the mask applies to the target: a position counts if what it predicts does
+    mask &= weights[:, 1:] != 0
   nbytes = np.take(piece_bytes, np.minimum(targets, len(piece_bytes) - 1))
   return {
       "tokens": np.ascontiguousarray(full[:, :-1], np.int32),
@@ -201,7 +262,11 @@ def _check_prepared(src, tok: Tokenizer, label: str) -> None:
 
 def _rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: int,
           num_epochs: int | None, shuffle: bool) -> grain.IterDataset:
-  """Packed rows {"tokens", "tokens_segment_ids", "tokens_positions"} [T+1], mixed."""
+  """Packed rows {"tokens", "tokens_segment_ids", "tokens_positions"} [T+1], mixed; with any chat
+  source every row also has "weights" [T+1] (see the module docstring)."""
+  any_chat = any(sc.chat for sc in cfg.sources)
+  if any_chat:
+    tok.chat_ids()  # a tokenizer without the turn markers fails at start-up, naming it
   per_source = []
   for i, sc in enumerate(cfg.sources):
     src = open_source(sc, bad_utf8=cfg.bad_utf8, bad_records=cfg.bad_records)
@@ -212,11 +277,20 @@ def _rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count:
                              seed=(cfg.seed * 1_000_003 + i) % 2**32 if shuffle else None,
                              label=sc.label)
     max_empty = ds.chunks_per_epoch + 1
-    ds = ds.map(_TokenizeChunk(tok, cfg, sc.label))
+    ds = ds.map(_TokenizeChunk(tok, cfg, sc.label, chat=sc.chat))
     ds = ds.to_iter_dataset(gp.ReadOptions(num_threads=cfg.num_threads,
                                            prefetch_buffer_size=cfg.prefetch))
     ds = gx.FlatMapIterDataset(ds, _Flatten(sc.label, max_empty))
-    ds = gx.ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len + 1})
+    if sc.chat:
+      # The source is shuffled already; unshuffled bins keep the row order a function of the data.
+      ds = gx.BestFitPackIterDataset(
+          ds, length_struct={"tokens": cfg.seq_len + 1, "weights": cfg.seq_len + 1},
+          num_packing_bins=CHAT_PACKING_BINS, shuffle_bins=False)
+      ds = ds.map(_ChatRow())
+    else:
+      ds = gx.ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len + 1})
+      if any_chat:
+        ds = ds.map(_AllWeights())
     per_source.append(ds)
   if len(per_source) == 1:
     return per_source[0]
@@ -365,13 +439,17 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
   # What the batch sequence depends on; a resume under anything else would not be exact.
   fingerprint = dict(
       # Paths are left out so that a corpus can move (e.g. to another bucket) between runs.
+      # `chat` only when set: states saved before the field existed stay valid.
       sources=[{k: v for k, v in dataclasses.asdict(sc).items()
-                if k not in ("paths", "tfds_data_dir")} for sc in cfg.sources],
+                if k not in ("paths", "tfds_data_dir") and not (k == "chat" and not v)}
+               for sc in cfg.sources],
       tokenizer_sha256=tok.sha256,
       process_index=process_index, process_count=process_count, num_epochs=num_epochs,
       shuffle=shuffle, **{k: getattr(cfg, k) for k in (
           "seq_len", "global_batch", "seed", "add_bos", "add_eos", "long_docs",
           "tokenize_batch", "num_workers")})
+  if any(sc.chat for sc in cfg.sources):
+    fingerprint["chat_packing_bins"] = CHAT_PACKING_BINS
   return ds, batch, fingerprint
 
 

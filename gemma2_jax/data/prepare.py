@@ -3,6 +3,10 @@ small SentencePiece trainer. CLI: `python -m gemma2_jax.prepare_data {tokenize,t
 
 Records hold one document each as little-endian int32 ids *without* <bos>/<eos> (the pipeline adds
 them per DataConfig). `meta.json` beside the shards records the tokenizer hash and the summary.
+
+Chat data (`--chat`) is not pre-tokenized: the shards hold no loss weights, and the pipeline renders
+and encodes conversations on the fly. `train-tokenizer --chat` trains on the conversations' text; every
+trained tokenizer has Gemma's turn markers `<start_of_turn>` / `<end_of_turn>` as single pieces.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 import numpy as np
 
 from gemma2_jax.cli import ArgumentParser
+from gemma2_jax.data.chat import Conversation
 from gemma2_jax.data.config import SourceConfig
 from gemma2_jax.data.sources import STATS, DataError, open_source
 from gemma2_jax.data.tokenizer import MIN_VOCAB_SIZE
@@ -104,6 +109,9 @@ def tokenize_corpus(source: SourceConfig, tokenizer_path: str, output_dir: str, 
 
   from gemma2_jax.data.tokenizer import Tokenizer
 
+  if source.chat:
+    raise DataError(f"source {source.label!r} is chat data: it is tokenized by the training pipeline "
+                    "(shards would lose which tokens the loss counts); train from the JSONL / Parquet")
   if is_remote(output_dir):
     # array_record writes local files only: os.makedirs would make a local directory named `gs:`.
     raise DataError(f"output_dir {output_dir}: shards are written to a local directory (or a gcsfuse "
@@ -163,6 +171,8 @@ def _dump_text(source: SourceConfig, path: str, max_docs: int) -> int:
   with open(path, "w", encoding="utf-8") as f:
     for i in range(0, len(src), step):
       d = src[i]
+      if isinstance(d, Conversation):  # the text of its turns (the markers are pieces already)
+        d = "\n".join(text for _, text in d.turns)
       if isinstance(d, str) and d.strip():
         f.write(d.replace("\n", " ") + "\n")
         n += 1
@@ -178,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--format", default="auto", help="auto|text|jsonl|parquet")
     s.add_argument("--text_field", default="text")
     s.add_argument("--doc_per", default="line", help="text: line|file")
+    s.add_argument("--chat", action="store_true",
+                   help="conversations (messages, or prompt + response/completion); see data.chat")
   t = sub.choices["tokenize"]
   t.add_argument("--tokenizer", required=True)
   t.add_argument("--output_dir", required=True)
@@ -198,13 +210,16 @@ def main(argv: list[str] | None = None) -> int:
       p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
   if a.cmd == "train-tokenizer":
     if a.vocab_size < MIN_VOCAB_SIZE:
-      p.error(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (4 special ids, 256 byte-fallback "
-              f"pieces and the corpus's characters), got {a.vocab_size}")
+      p.error(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (4 special ids, 2 chat turn markers, "
+              f"256 byte-fallback pieces and the corpus's characters), got {a.vocab_size}")
     if not 0 < a.character_coverage <= 1:
       p.error(f"--character_coverage must be in (0, 1], got {a.character_coverage}")
   try:
     sc = SourceConfig(paths=tuple(a.input), format=a.format, text_field=a.text_field,
-                      doc_per=a.doc_per)
+                      doc_per=a.doc_per, chat=a.chat)
+  except ValueError as e:  # e.g. --chat with --format text
+    p.error(str(e))
+  try:
     if a.cmd == "tokenize":
       s = tokenize_corpus(sc, a.tokenizer, a.output_dir, num_shards=a.num_shards,
                           num_workers=a.num_workers, bad_utf8=a.bad_utf8,
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         from gemma2_jax.data.sources import expand_paths, infer_format
 
         fmt = sc.format if sc.format != "auto" else infer_format(expand_paths(sc.paths))
-        if fmt == "text" and sc.doc_per == "line":
+        if fmt == "text" and sc.doc_per == "line" and not sc.chat:
           inputs = list(a.input)  # the trainer reads lines itself
         else:
           inputs = [os.path.join(tmp, "corpus.txt")]

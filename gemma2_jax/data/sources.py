@@ -1,7 +1,8 @@
 """Random-access document sources: text lines/files, JSONL, Parquet, pre-tokenized ArrayRecord, TFDS.
 
 Every source is a grain `RandomAccessDataSource`: `len(src)` documents, `src[i]` is a `str` (raw
-text) or an int32 token array (pre-tokenized), or None when a bad record was skipped. Random access
+text), an int32 token array (pre-tokenized), a `chat.Conversation` (a chat source: JSONL / Parquet
+with `chat=True`), or None when a bad record was skipped. Random access
 is what makes global shuffling, per-process sharding and exact resume cheap. Raw text sources build
 a line-offset index at start-up (one sequential scan); for corpora of hundreds of GB, tokenize once
 with `python -m gemma2_jax.prepare_data` and train from the ArrayRecord shards instead.
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gemma2_jax import paths
+from gemma2_jax.data.chat import RESPONSE_FIELDS, ChatError, Conversation, conversation
 from gemma2_jax.data.config import SourceConfig
 
 log = logging.getLogger(__name__)
@@ -200,12 +202,14 @@ def _line_index(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class LinesSource:
-  """One document per non-empty line of text or JSONL files (JSONL: `text_field` of each object)."""
+  """One document per non-empty line of text or JSONL files (JSONL: `text_field` of each object, or
+  with `chat` the conversation each object holds)."""
 
   def __init__(self, files: Sequence[str], *, jsonl_field: str | None, bad_utf8: str,
-               bad_records: str):
+               bad_records: str, chat: bool = False):
     self._files = _Files(files)
     self._field = jsonl_field
+    self._chat = chat
     self._bad_utf8 = bad_utf8
     self._bad_records = bad_records
     starts, stops, lines, counts = [], [], [], []
@@ -234,10 +238,10 @@ class LinesSource:
     f = int(np.searchsorted(self._cum, i, side="right")) - 1
     return f"{self._files.files[f]}:{int(self._lines[i])}"
 
-  def __getitem__(self, i: int) -> str | None:
+  def __getitem__(self, i: int) -> str | Conversation | None:
     f = int(np.searchsorted(self._cum, i, side="right")) - 1
     raw = self._files.read(f, int(self._starts[i]), int(self._stops[i]))
-    if self._field is None:
+    if self._field is None and not self._chat:
       return decode_utf8(raw, self.where(i), self._bad_utf8)
     try:
       obj = json.loads(raw)
@@ -252,6 +256,11 @@ class LinesSource:
         return self._bad(i, f"malformed JSON ({e.msg} at column {e.colno})")
       else:
         return None
+    if self._chat:
+      try:
+        return conversation(obj)
+      except ChatError as e:
+        return self._bad(i, f"malformed conversation: {e}")
     if not isinstance(obj, dict) or self._field not in obj:
       keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
       return self._bad(i, f"missing text field {self._field!r} (has {keys})")
@@ -298,15 +307,31 @@ def _parquet_file(path: str):
     yield pq.ParquetFile(fh)
 
 
+def _chat_columns(path: str, names: Sequence[str]) -> list[str]:
+  """The columns a chat Parquet file's conversations are read from (see chat.conversation)."""
+  if "messages" in names:
+    return ["messages"]
+  reply = next((f for f in RESPONSE_FIELDS if f in names), None)
+  if "prompt" not in names or reply is None:
+    raise DataError(f"{path}: a chat source needs a 'messages' column, or 'prompt' and 'response' "
+                    f"(or 'completion') columns (columns: {list(names)})")
+  return ["prompt", reply] + (["completion_ids"] if reply == "completion" and
+                              "completion_ids" in names else [])
+
+
 class ParquetSource:
-  """One document per row of the `text_field` column; row groups are cached (LRU)."""
+  """One document per row of the `text_field` column, or with `chat` one conversation per row;
+  row groups are cached (LRU)."""
 
   _CACHE = 8
 
-  def __init__(self, files: Sequence[str], *, text_field: str, bad_records: str):
+  def __init__(self, files: Sequence[str], *, text_field: str, bad_records: str,
+               chat: bool = False):
     self._paths = list(files)
     self._field = text_field
     self._bad_records = bad_records
+    self._chat = chat
+    self._columns: list[list[str]] = []  # per file: what is read (files may differ in layout)
     rg_rows = []
     for path in self._paths:
       try:
@@ -317,8 +342,12 @@ class ParquetSource:
         raise
       except Exception as e:  # pyarrow raises ArrowInvalid / OSError / ... for a non-Parquet file
         raise reader_error(path, "not a readable Parquet file", e) from None
-      if text_field not in names:
+      if chat:
+        self._columns.append(_chat_columns(path, names))
+      elif text_field not in names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {names})")
+      else:
+        self._columns.append([text_field])
       rg_rows.append(rows)
     self._index = [(f, g) for f, rows in enumerate(rg_rows) for g in range(len(rows))]
     sizes = [n for rows in rg_rows for n in rows]
@@ -355,11 +384,13 @@ class ParquetSource:
       try:
         if _is_remote(path):  # opened per row group: no handle is left open (see _parquet_file)
           with _parquet_file(path) as pf:
-            col = pf.read_row_group(g, columns=[self._field]).column(0).to_pylist()
+            table = pf.read_row_group(g, columns=self._columns[f])
         else:
           if f not in self._pf:
             self._pf[f] = pq.ParquetFile(path)
-          col = self._pf[f].read_row_group(g, columns=[self._field]).column(0).to_pylist()
+          table = self._pf[f].read_row_group(g, columns=self._columns[f])
+        # chat: one dict of the conversation's fields per row; text: the column's values
+        col = table.to_pylist() if self._chat else table.column(0).to_pylist()
       except Exception as e:  # e.g. a file cut short or changed after start-up
         raise reader_error(path, f"cannot read Parquet row group {g}", e) from None
       self._cache[k] = col
@@ -367,20 +398,29 @@ class ParquetSource:
         self._cache.popitem(last=False)
       return col
 
-  def __getitem__(self, i: int) -> str | None:
+  def __getitem__(self, i: int) -> str | Conversation | None:
     k = int(np.searchsorted(self._cum, i, side="right")) - 1
     text = self._group(k)[i - int(self._cum[k])]
+    if self._chat:
+      try:
+        return conversation(text)
+      except ChatError as e:
+        f, g = self._index[k]
+        return self._bad(f"{self._paths[f]} row group {g} row {i - int(self._cum[k])}: "
+                         f"malformed conversation: {e}")
     if isinstance(text, bytes):
       text = decode_utf8(text, f"{self._paths[self._index[k][0]]} row {i}", "replace")
     if not isinstance(text, str):
       f, g = self._index[k]
-      msg = (f"{self._paths[f]} row group {g} row {i - int(self._cum[k])}: text field "
-             f"{self._field!r} is {type(text).__name__}")
-      if self._bad_records == "fail":
-        raise DataError(msg)
-      _note("bad_records", msg + "; skipped")
-      return None
+      return self._bad(f"{self._paths[f]} row group {g} row {i - int(self._cum[k])}: text field "
+                       f"{self._field!r} is {type(text).__name__}")
     return text
+
+  def _bad(self, msg: str) -> None:
+    if self._bad_records == "fail":
+      raise DataError(msg)
+    _note("bad_records", msg + "; skipped")
+    return None
 
 
 class ArrayRecords:
@@ -529,13 +569,15 @@ def open_source(sc: SourceConfig, *, bad_utf8: str = "replace", bad_records: str
   else:
     files = expand_paths(sc.paths)
     fmt = infer_format(files) if sc.format == "auto" else sc.format
+    if sc.chat and fmt not in ("jsonl", "parquet"):
+      raise DataError(f"source {sc.label!r}: a chat source is JSONL or Parquet, not {fmt}")
     if fmt == "text" and sc.doc_per == "file":
       src = FilesSource(files, bad_utf8=bad_utf8)
     elif fmt in ("text", "jsonl"):
       src = LinesSource(files, jsonl_field=sc.text_field if fmt == "jsonl" else None,
-                        bad_utf8=bad_utf8, bad_records=bad_records)
+                        bad_utf8=bad_utf8, bad_records=bad_records, chat=sc.chat)
     elif fmt == "parquet":
-      src = ParquetSource(files, text_field=sc.text_field, bad_records=bad_records)
+      src = ParquetSource(files, text_field=sc.text_field, bad_records=bad_records, chat=sc.chat)
     else:
       src = ArrayRecordTokensSource(files)
   if len(src) == 0:

@@ -1,4 +1,8 @@
-"""SentencePiece tokenizer with Gemma conventions (<pad>=0 <eos>=1 <bos>=2 <unk>=3, byte fallback)."""
+"""SentencePiece tokenizer with Gemma conventions (<pad>=0 <eos>=1 <bos>=2 <unk>=3, byte fallback).
+
+Chat data needs Gemma's turn markers `<start_of_turn>` / `<end_of_turn>` as single pieces (ids
+106 / 107 in Gemma's tokenizer); `train_tokenizer` adds them as user-defined symbols (ids 4 / 5).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import sentencepiece as spm
 
+from gemma2_jax.data.chat import END_OF_TURN, START_OF_TURN
 from gemma2_jax.data.sources import DataError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -17,9 +22,10 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 # is taken as a tokenizer that belongs to another model.
 MAX_PADDING_ROWS = 256
 
-# The trainer's fixed pieces (the 4 special ids and 256 byte-fallback pieces) plus at least one
-# character; a real corpus needs a piece per distinct character on top (SentencePiece says how many).
-MIN_VOCAB_SIZE = 4 + 256 + 1
+# The trainer's fixed pieces (the 4 special ids, the 2 chat turn markers and 256 byte-fallback pieces)
+# plus at least one character; a real corpus needs a piece per distinct character on top
+# (SentencePiece says how many).
+MIN_VOCAB_SIZE = 4 + 2 + 256 + 1
 
 # Trainer options that reproduce Gemma's tokenizer behaviour: identity normalisation and no dummy
 # prefix or whitespace collapsing, so decode(encode(text)) == text byte for byte (Hangul included).
@@ -28,6 +34,9 @@ GEMMA_TRAINER_OPTIONS = dict(
     byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
     normalization_rule_name="identity", allow_whitespace_only_pieces=True,
     max_sentence_length=1 << 20,
+    # User-defined, not control: like Gemma's, they are single pieces wherever they occur in text,
+    # so the sampler's encode of a rendered chat prompt yields them.
+    user_defined_symbols=[START_OF_TURN, END_OF_TURN],
 )
 
 
@@ -94,6 +103,17 @@ class Tokenizer:
       raise DataError(f"tokenizer {self.path} has special ids pad/eos/bos/unk={got}; Gemma "
                       f"needs {(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}")
 
+  def chat_ids(self) -> tuple[int, int]:
+    """(<start_of_turn>, <end_of_turn>) ids; a DataError naming the tokenizer when it lacks them."""
+    ids = tuple(self.sp.PieceToId(p) for p in (START_OF_TURN, END_OF_TURN))
+    missing = [p for p, i in zip((START_OF_TURN, END_OF_TURN), ids, strict=True)
+               if i == self.sp.unk_id() or self.sp.IdToPiece(i) != p]
+    if missing:
+      raise DataError(f"tokenizer {self.path or '<bytes>'} has no {' / '.join(missing)} piece; chat "
+                      "data needs Gemma's turn markers as single tokens (Gemma's tokenizer has them; "
+                      "`prepare_data train-tokenizer` adds them to a new one)")
+    return ids
+
   def encode(self, text: str) -> list[int]:
     return self.sp.EncodeAsIds(text)
 
@@ -107,12 +127,14 @@ class Tokenizer:
   def piece_bytes(self) -> np.ndarray:
     """[vocab] int32: UTF-8 bytes each piece stands for (0 for control/unknown ids).
 
-    Summing it over predicted tokens gives the byte count for bits-per-byte.
+    Summing it over predicted tokens gives the byte count for bits-per-byte. The chat turn markers
+    count 0 too: they are the template's scaffolding, not bytes of the text.
     """
     n = self.vocab_size
     out = np.zeros(n, np.int32)
+    markers = {START_OF_TURN, END_OF_TURN}
     for i in range(n):
-      if self.sp.IsControl(i) or self.sp.IsUnknown(i):
+      if self.sp.IsControl(i) or self.sp.IsUnknown(i) or self.sp.IdToPiece(i) in markers:
         continue
       if self.sp.IsByte(i):
         out[i] = 1
@@ -124,12 +146,14 @@ class Tokenizer:
 def train_tokenizer(inputs: Sequence[str] | str, model_prefix: str, *, vocab_size: int,
                     character_coverage: float = 0.9995, input_sentence_size: int = 2_000_000,
                     num_threads: int | None = None, **overrides) -> str:
-  """Trains a Gemma-convention SentencePiece model on text files; returns the .model path."""
+  """Trains a Gemma-convention SentencePiece model on text files; returns the .model path.
+
+  The model has Gemma's chat turn markers as user-defined pieces (GEMMA_TRAINER_OPTIONS)."""
   from gemma2_jax.data.sources import expand_paths
 
   if vocab_size < MIN_VOCAB_SIZE:
-    raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (4 special ids, 256 byte-fallback "
-                    f"pieces and the corpus's characters), got {vocab_size}")
+    raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (4 special ids, 2 chat turn markers, "
+                    f"256 byte-fallback pieces and the corpus's characters), got {vocab_size}")
   files = expand_paths(inputs)
   opts = dict(GEMMA_TRAINER_OPTIONS, input=",".join(files), model_prefix=model_prefix,
               vocab_size=vocab_size, character_coverage=character_coverage,
@@ -143,7 +167,8 @@ def train_tokenizer(inputs: Sequence[str] | str, model_prefix: str, *, vocab_siz
     m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", text)
     if m:  # SentencePiece's own words are an internal assertion
       raise DataError(f"vocab_size {m[1]} is smaller than the {m[2]} pieces this corpus needs (its "
-                      f"characters at character_coverage={character_coverage}, the special ids and "
-                      "byte-fallback pieces): raise vocab_size or lower character_coverage") from None
+                      f"characters at character_coverage={character_coverage}, the special ids, chat "
+                      "turn markers and byte-fallback pieces): raise vocab_size or lower "
+                      "character_coverage") from None
     raise DataError(f"SentencePiece training failed: {text}") from None
   return model_prefix + ".model"
