@@ -37,6 +37,8 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
   line and exit 1; with several processes any failure is published so the others stop naming it,
   and a broken collective names the lost process (see gemma2_jax.distributed).
   """
+  import gc
+  import inspect
   import sys
   import traceback
 
@@ -56,6 +58,11 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
   if several:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   error = None
+  # Coroutines abandoned by a failed Orbax read report their copies of the error when collected
+  # (Python's "Exception ignored in: <coroutine ...>" traceback), possibly before the one error line
+  # or after it; the error itself is reported below.
+  default_hook = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if inspect.iscoroutine(u.object) else default_hook(u)
   try:
     rc = body()
   except (ConfigError, DataError, CheckpointError, *expected_errors()) as e:
@@ -77,6 +84,11 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
                        "above)")
     raise
   if error:
+    # Work abandoned by the failure (e.g. Orbax's other reads of an unreadable checkpoint, pending
+    # coroutines holding their own errors) would print tracebacks when collected, after our line:
+    # collect it now and keep later stragglers quiet; the one error line is the report.
+    sys.unraisablehook = lambda unraisable: None
+    gc.collect()
     if jax.process_count() > 1:
       distributed.fail(error)
     print(error, file=sys.stderr)
