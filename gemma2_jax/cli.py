@@ -39,6 +39,7 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
   """
   import gc
   import inspect
+  import logging
   import sys
   import traceback
 
@@ -61,8 +62,10 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
   # Coroutines abandoned by a failed Orbax read report their copies of the error when collected
   # (Python's "Exception ignored in: <coroutine ...>" traceback), possibly before the one error line
   # or after it; the error itself is reported below.
+  # Their tasks' unretrieved exceptions are logged by asyncio likewise.
   default_hook = sys.unraisablehook
   sys.unraisablehook = lambda u: None if inspect.iscoroutine(u.object) else default_hook(u)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   try:
     rc = body()
   except (ConfigError, DataError, CheckpointError, *expected_errors()) as e:
