@@ -41,6 +41,7 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
   import inspect
   import logging
   import sys
+  import threading
   import traceback
 
   from gemma2_jax import distributed
@@ -62,9 +63,15 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
   # Coroutines abandoned by a failed Orbax read report their copies of the error when collected
   # (Python's "Exception ignored in: <coroutine ...>" traceback), possibly before the one error line
   # or after it; the error itself is reported below.
-  # Their tasks' unretrieved exceptions are logged by asyncio likewise.
-  default_hook = sys.unraisablehook
-  sys.unraisablehook = lambda u: None if inspect.iscoroutine(u.object) else default_hook(u)
+  # Their tasks' unretrieved exceptions are logged by asyncio likewise, and callbacks they scheduled
+  # on its closed event loop raise "Event loop is closed" (from an unraisable context or a thread).
+  def abandoned(obj, exc) -> bool:
+    return inspect.iscoroutine(obj) or (isinstance(exc, RuntimeError)
+                                        and "Event loop is closed" in str(exc))
+
+  unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda u: None if abandoned(u.object, u.exc_value) else unraisable_hook(u)
+  threading.excepthook = lambda a: None if abandoned(None, a.exc_value) else thread_hook(a)
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   try:
     rc = body()
