@@ -1,7 +1,8 @@
 """Gemma 2 attention on GPU: a Pallas (Triton) flash-attention kernel, `attention_impl="gpu_flash"`.
 
-Forward and backward apply what Gemma 2 needs and the stock GPU kernels drop (../shared/DESIGN.md,
-"Attention kernel facts"): the logit soft-cap on each score tile before the online softmax (and its
+Forward and backward apply what Gemma 2 needs and the stock GPU kernels drop (cuDNN / Transformer
+Engine cannot soft-cap; tokamax 0.0.12 has no segment ids and no soft-cap in its Triton backward): the
+logit soft-cap on each score tile before the online softmax (and its
 derivative `1 - tanh^2` in the backward), the causal mask, the sliding window of local layers, and
 segment ids of packed rows; any head dim (padded to a power of two, 128 and 256 included). Key blocks a
 query block cannot see (above the diagonal; older than the window) are never loaded: the loops over
