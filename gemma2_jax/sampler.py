@@ -11,6 +11,9 @@ prompts in a bucket reuse the compiled programs. Decoding is a `lax.while_loop` 
 per token) over a donated `DecodeState`; `decode` can be called again to continue (streaming).
 
 Layout: the forward pass is the training one (`transformer.forward_with`); only `attend` differs.
+Inside the decode loop every layer's weights and cache are separate buffers (the decoder's unrolled
+form) in the layouts XLA:CPU's dots read as they lie, and the cache is updated in place: a step reads
+the weights and the cache once and writes one slot per layer, with no copies of either.
 """
 
 from __future__ import annotations
@@ -36,13 +39,19 @@ from gemma2_jax.model.transformer import (
   row_attention,
   to_layout,
 )
-from gemma2_jax.sharding import constrain
+from gemma2_jax.sharding import constrain, current_platform
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 END_OF_TURN_ID = 107  # Gemma's `<end_of_turn>`; a custom tokenizer's id comes from the tokenizer.
 MIN_BUCKET = 16
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# Inside the decode loop each layer's keys and values are their own buffers, [B, K, H, S] and
+# [B, K, S, H]: the layouts attention's dots read as they lie (see attention_cached).
+LOOP_CACHE_AXES = (("batch", "kv_heads", "head_dim", "length"), ("batch", "kv_heads", "length",
+                                                                  "head_dim"))
+# From / to the state's [B, S, K, H] (one layer's slice of CACHE_AXES).
+_LOOP_PERM = ((0, 2, 3, 1), (0, 2, 1, 3))
 ROW_AXES = ("batch", None)
 
 
@@ -206,6 +215,19 @@ def prefill(cfg: ModelConfig, params: dict, tokens_BT, pad_B, keys_B,
     local_pos_BW=to_slots(prompt_pos_BT, W), global_pos_BS=to_slots(prompt_pos_BT, S))
 
 
+def _loop_cache_dtype(cache_dtype):
+  """The dtype the decode loop keeps the caches in.
+
+  XLA:CPU computes a dynamic_update_slice of a bf16 (any sub-fp32 float) array in fp32: the whole
+  cache converted there and back, for every layer at every step. On CPU the loop holds the caches in
+  fp32 instead: the same (cache-dtype-rounded) values, twice the bytes while decoding; the state
+  between calls keeps the cache dtype.
+  """
+  if current_platform() == "cpu" and jnp.issubdtype(cache_dtype, jnp.floating):
+    return jnp.promote_types(cache_dtype, jnp.float32)
+  return cache_dtype
+
+
 def decode(cfg: ModelConfig, params: dict, state: DecodeState, sampling: SamplingConfig,
            until=None) -> DecodeState:
   """Samples tokens until every row stopped, max_new_tokens, or `until` tokens in total."""
@@ -216,8 +238,33 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, sampling: Samplin
   stop = jnp.asarray(sampling.stop_tokens, jnp.int32)
   until = N if until is None else jnp.minimum(until, N)
   embedding_VD = params["embedder"]["input_embedding"]
-  # A D-first copy of the layer weights for the loop (see transformer.DECODE_LAYOUT).
-  params = {**params, "layers": to_layout(params["layers"], DECODE_LAYOUT)}
+  # Once per call, outside the loop: the layer weights D-first (transformer.DECODE_LAYOUT) in the
+  # compute dtype, one buffer per layer (the decoder's unrolled form: a step reads each weight once,
+  # no slicing copies), and each layer's keys and values as their own buffers in the layouts
+  # attention reads (LOOP_CACHE_AXES), updated in place; restacked into the state's at the end.
+  layers = to_layout(params["layers"], DECODE_LAYOUT)
+  layers = [jax.tree.map(lambda w, i=i: w[i].astype(cfg.dtype), layers)
+            for i in range(cfg.num_layers)]
+  params = {**params, "layers": layers}
+  cache_dtype = state.caches[0][0].dtype
+  loop_dtype = _loop_cache_dtype(cache_dtype)
+
+  def to_loop(*kv):
+    return tuple(constrain(jnp.transpose(c, perm).astype(loop_dtype), axes)
+                 for c, perm, axes in zip(kv, _LOOP_PERM, LOOP_CACHE_AXES, strict=True))
+
+  def from_loop(kv):
+    return tuple(jnp.transpose(c, np.argsort(perm)).astype(cache_dtype)
+                 for c, perm in zip(kv, _LOOP_PERM, strict=True))
+
+  def stack(per_pair):  # [(k, v) per pair] -> (k, v) [P, B, S, K, H]
+    return tuple(constrain(jnp.stack(c), CACHE_AXES)
+                 for c in zip(*map(from_loop, per_pair), strict=True))
+
+  # In the loop: [((k, v) of the local layer, (k, v) of the global layer) per pair].
+  (local_k, local_v), (global_k, global_v) = state.caches
+  state = state._replace(caches=[(to_loop(local_k[p], local_v[p]), to_loop(global_k[p], global_v[p]))
+                                 for p in range(cfg.num_layers // 2)])
 
   def cond(s: DecodeState):
     return (s.step < until) & ~jnp.all(s.done_B)
@@ -244,21 +291,26 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, sampling: Samplin
     def attend(q_B1NH, k_B1KH, v_B1KH, window, cache):
       slot, kv_pos_BS = (local_slot, local_pos_BW) if window is not None else (global_slot,
                                                                                global_pos_BS)
-      k_BSKH, v_BSKH = (jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), slot, axis=1)
-                        for c, x in zip(cache, (k_B1KH, v_B1KH), strict=True))
-      o = attention_cached(q_B1NH, k_BSKH, v_BSKH, pos_B1, kv_pos_BS, window=window,
+      # Written first, then read: XLA updates the cache in place (reading the old cache and writing
+      # after would make it copy the cache). Rounded to the cache dtype as the stored token is.
+      k_BKHS, v_BKSH = (jax.lax.dynamic_update_slice_in_dim(
+        c, jnp.transpose(x, perm).astype(cache_dtype).astype(c.dtype), slot, axis=perm.index(1))
+        for c, x, perm in zip(cache, (k_B1KH, v_B1KH), _LOOP_PERM, strict=True))
+      o = attention_cached(q_B1NH, k_BKHS, v_BKSH, pos_B1, kv_pos_BS, window=window,
                            softcap=cfg.attn_softcap)
-      return o, (k_BSKH, v_BSKH)
+      return o, tuple(constrain(c, axes) for c, axes in zip((k_BKHS, v_BKSH), LOOP_CACHE_AXES,
+                                                            strict=True))
 
     hidden_B1D, caches = forward_with(cfg, params, token_B[:, None], pos_B1, attend, s.caches,
                                       layout=DECODE_LAYOUT)
     logits_BV = logits_from_hidden(cfg, embedding_VD, hidden_B1D[:, 0])
     return s._replace(step=i + 1, logits_BV=logits_BV, tokens_BN=tokens_BN,
-                      logprobs_BN=logprobs_BN, lengths_B=lengths_B, done_B=done_B,
-                      caches=jax.tree.map(lambda c: constrain(c, CACHE_AXES), caches),
+                      logprobs_BN=logprobs_BN, lengths_B=lengths_B, done_B=done_B, caches=caches,
                       local_pos_BW=local_pos_BW, global_pos_BS=global_pos_BS)
 
-  return jax.lax.while_loop(cond, body, state)
+  state = jax.lax.while_loop(cond, body, state)
+  local, global_ = zip(*state.caches, strict=True)
+  return state._replace(caches=(stack(local), stack(global_)))
 
 
 def sample_tokens(cfg: ModelConfig, params: dict, tokens_BT, pad_B, keys_B,

@@ -181,20 +181,27 @@ _REMAT_POLICIES = {
 }
 
 
-def decoder(cfg: ModelConfig, layers: dict, x_BTD, positions_BT, attend, caches=None, *,
+def decoder(cfg: ModelConfig, layers, x_BTD, positions_BT, attend, caches=None, *,
             layout: dict = CHECKPOINT_LAYOUT):
-  """Scans over local+global layer pairs; returns (x_BTD, updated caches).
+  """Runs the local+global layer pairs; returns (x_BTD, updated caches).
 
-  `caches` is None (training) or a pair (local, global) of pytrees whose leaves lead with the pair
-  axis P; `attend(q, k, v, window, cache=...)` receives that layer's slice and returns
-  (o_BTNH, its update).
+  `layers` is the stacked tree (leaves lead with L; scanned over pairs, so compile time does not grow
+  with depth) or, for decoding, a list of L per-layer trees (unrolled). A decode step reads every
+  weight once; slicing a layer out of a stacked weight inside the loop would copy it first (XLA has
+  no views), doubling the step's memory traffic. `caches` is None (training), a pair (local, global)
+  of pytrees whose leaves lead with the pair axis P (stacked), or a list of P such pairs (unrolled);
+  `attend(q, k, v, window, cache=...)` receives that layer's cache and returns (o_BTNH, its update).
+  The updates come back in the form they came in.
   """
   dtype = jnp.dtype(cfg.dtype)
 
   def pair(x_BTD, xs):
     pair_params, (local_cache, global_cache) = xs
     pair_params = jax.tree.map(lambda w: w.astype(dtype), pair_params)
-    local, global_ = (jax.tree.map(lambda w, i=i: w[i], pair_params) for i in range(2))
+    if isinstance(pair_params, tuple):  # unrolled: (local, global) trees
+      local, global_ = pair_params
+    else:  # scanned: leaves [2, ...]
+      local, global_ = (jax.tree.map(lambda w, i=i: w[i], pair_params) for i in range(2))
     x_BTD, local_cache = _block(cfg, local, x_BTD, positions_BT,
                                 functools.partial(attend, cache=local_cache),
                                 window=cfg.sliding_window, layout=layout)
@@ -206,6 +213,12 @@ def decoder(cfg: ModelConfig, layers: dict, x_BTD, positions_BT, attend, caches=
   if cfg.remat != "none":
     pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
   P = cfg.num_layers // 2
+  if isinstance(layers, (list, tuple)):
+    updated = []
+    for i, pair_caches in enumerate(caches or [(None, None)] * P):
+      x_BTD, pair_caches = pair(x_BTD, ((layers[2 * i], layers[2 * i + 1]), pair_caches))
+      updated.append(pair_caches)
+    return x_BTD, updated
   pairs = jax.tree.map(lambda w: w.reshape(P, 2, *w.shape[1:]), layers)
   return jax.lax.scan(pair, x_BTD, (pairs, caches or (None, None)),
                       unroll=1 if cfg.scan_layers else P)
