@@ -136,11 +136,12 @@ def _plain(x: Any):
   return x
 
 
-SOURCE_SHORTCUT = ("paths", "format", "text_field", "doc_per")
+SOURCE_SHORTCUT = ("paths", "format", "text_field", "doc_per", "chat", "pack")
 
 
 def _data_config(section: str, d: dict | None, shape: dict) -> DataConfig | None:
-  """A data section; `paths` / `format` / `text_field` / `doc_per` are a one-source shortcut."""
+  """A data section; `paths` / `format` / `text_field` / `doc_per` / `chat` / `pack` are a one-source
+  shortcut."""
   if not d:
     return None
   d = dict(d)
@@ -222,10 +223,31 @@ def from_config(config, *, num_devices: int) -> Experiment:
     raise ConfigError("data.train has no source: set data.train.paths (comma-separated globs) or "
                       "data.train.sources")
   data_eval = _data_config("data.eval", data.get("eval"), shape)
+  if distill is not None and distill.onpolicy_lambda > 0:
+    _check_onpolicy(distill, teacher, data_train, train)
   return Experiment(model=model, mesh=mesh, rules=rules, optimizer=optimizer, train=train,
                     data_train=data_train, data_eval=data_eval, tokenizer=str(data["tokenizer"]),
                     init_from=str(c.get("init_from") or ""), checkpoint=ckpt, teacher=teacher,
                     distill=distill, offline_paths=offline_paths)
+
+
+def _check_onpolicy(distill: DistillConfig, teacher, data_train: DataConfig, train: TrainConfig):
+  """On-policy distillation's requirements, each as one line saying what to set."""
+  if teacher is None:
+    raise ConfigError("distill.onpolicy_lambda > 0 needs an online teacher to score the student's "
+                      "samples: set teacher.checkpoint (offline top-k records cannot)")
+  if distill.alpha != 1.0 or distill.alpha_end is not None:
+    raise ConfigError("distill.onpolicy_lambda > 0 needs distill.alpha = 1 (no hard-label CE: the "
+                      "targets of a sampled response are the student's own tokens)")
+  bad = [s for s in data_train.sources if not s.chat or s.pack]
+  if bad:
+    raise ConfigError(f"distill.onpolicy_lambda > 0 needs one conversation per row: data.train source "
+                      f"{bad[0].label!r} must set chat=True and pack=False "
+                      "(--config.data.train.chat=true --config.data.train.pack=false)")
+  if distill.onpolicy_max_new_tokens >= train.seq_len:
+    raise ConfigError(f"distill.onpolicy_max_new_tokens={distill.onpolicy_max_new_tokens} leaves no "
+                      f"room for a prompt in train.seq_len={train.seq_len}: prompts get seq_len + 1 - "
+                      "max_new_tokens slots")
 
 
 def dataclass_defaults(cls, **kw) -> dict:
@@ -246,7 +268,8 @@ def base_config(model: ModelConfig, **train):
   source = dataclass_defaults(SourceConfig)
   source["paths"] = []
   data_defaults["sources"] = [source]
-  data_defaults.update(paths="", format="auto", text_field="text", doc_per="line")
+  data_defaults.update(paths="", format="auto", text_field="text", doc_per="line", chat=False,
+                       pack=True)
   c = ml_collections.ConfigDict()
   c.model = model.to_dict()
   c.mesh = {"dcn": 1, "data": 1, "fsdp": -1, "tensor": 1}

@@ -349,6 +349,12 @@ class DistillConfig:
   alpha (weight of the distillation term; 1 - alpha goes to hard-label CE) goes linearly from `alpha`
   at step 0 to `alpha_end` at step `alpha_steps` and stays there; likewise the temperature. Leave the
   `_end` at None (and steps at 0) for a constant.
+
+  On-policy distillation (GKD; gemma2_jax/onpolicy.py): with probability `onpolicy_lambda` per step,
+  the final model turn of every row is replaced by the student's own sample (up to
+  `onpolicy_max_new_tokens` tokens at `onpolicy_temperature`, filtered by `onpolicy_top_k` (0: off) and
+  `onpolicy_top_p` (1: off)), and the divergence is taken on the sampled tokens only. 0 = off-policy
+  distillation on the data's responses (the same program as without the feature).
   """
 
   loss: DistillLoss = "soft_ce"
@@ -359,9 +365,23 @@ class DistillConfig:
   temperature: float = 1.0
   temperature_end: float | None = None
   temperature_steps: int = 0
+  onpolicy_lambda: float = 0.0
+  onpolicy_max_new_tokens: int = 128
+  onpolicy_temperature: float = 1.0
+  onpolicy_top_k: int = 0
+  onpolicy_top_p: float = 1.0
 
   def __post_init__(self):
     checks = [
+      (0.0 <= self.onpolicy_lambda <= 1.0,
+       f"onpolicy_lambda must be in [0, 1], got {self.onpolicy_lambda}"),
+      (self.onpolicy_max_new_tokens > 0,
+       f"onpolicy_max_new_tokens must be positive, got {self.onpolicy_max_new_tokens}"),
+      (self.onpolicy_temperature >= 0,
+       f"onpolicy_temperature must be >= 0 (0 = greedy), got {self.onpolicy_temperature}"),
+      (self.onpolicy_top_k >= 0, f"onpolicy_top_k must be >= 0 (0 = off), got {self.onpolicy_top_k}"),
+      (0.0 < self.onpolicy_top_p <= 1.0,
+       f"onpolicy_top_p must be in (0, 1] (1 = off), got {self.onpolicy_top_p}"),
       (self.loss in DISTILL_LOSSES, f"loss must be one of {DISTILL_LOSSES}, got {self.loss!r}"),
       (0.0 <= self.beta <= 1.0, f"beta must be in [0, 1], got {self.beta}"),
       (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gemma2_jax import checkpoint, flops, paths
+from gemma2_jax import checkpoint, flops, onpolicy, paths
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
 from gemma2_jax.experiment import Experiment, dataclass_defaults
 from gemma2_jax.losses import cross_entropy_sums, distill_schedule, distill_sums, topk_distill_sums
@@ -26,6 +27,7 @@ from gemma2_jax.metrics import MetricsWriter
 from gemma2_jax.model.config import ModelConfig, get_preset
 from gemma2_jax.model.transformer import LOGICAL_AXES, forward_hidden, init_params, param_shapes
 from gemma2_jax.optim import global_norm, make_optimizer
+from gemma2_jax.sampler import END_OF_TURN_ID, EOS_ID
 from gemma2_jax.sharding import (
   activation_sharding,
   data_group,
@@ -37,6 +39,8 @@ from gemma2_jax.sharding import (
 )
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+# Per-step sums of on-policy steps (rows with a response, rows the student answered, tokens it wrote).
+ONPOLICY_SUMS = ("rows", "gen_rows", "gen_tokens")
 TOPK_KEYS = ("topk_logprobs", "topk_ids")
 
 
@@ -106,19 +110,45 @@ def sum_over_micro_batches(fn, batch: dict, k: int):
   return jax.lax.scan(accumulate, zeros, micro)[0]
 
 
-def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | None = None):
+def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | None = None,
+                    stop_tokens: tuple[int, ...] = (EOS_ID, END_OF_TURN_ID)):
   """(state, batch, teacher_params) -> (state, metrics); batch leaves are [global_batch, T, ...].
 
   teacher_params is None except for online distillation; it is an argument (never optimizer state).
+  With on-policy distillation (distill.onpolicy_lambda > 0, see gemma2_jax/onpolicy.py) each
+  micro-batch's responses may first be replaced by the student's samples, which end at
+  `stop_tokens` (default: Gemma's tokenizer's `<eos>` and `<end_of_turn>`).
   """
   k = exp.train.grad_accum_steps
   objective = make_objective(exp, teacher_cfg)
+  lam = exp.distill.onpolicy_lambda if exp.distill is not None else 0.0
+  sampling = onpolicy.sampling_config(exp.distill, stop_tokens) if lam else None
 
   def train_step(state: TrainState, batch: dict, teacher_params=None):
+    if lam:
+      coin_key, row_key = onpolicy.step_keys(exp.train.seed, state.step)
+      on = onpolicy.use_policy(lam, coin_key)
+      batch = {**batch, "row": jnp.arange(batch["tokens"].shape[0], dtype=jnp.uint32)}
+
     def grads_and_sums(micro_batch):
+      gen = {}
+      if lam:
+        micro_batch = dict(micro_batch)
+        keys_B = jax.vmap(functools.partial(jax.random.fold_in, row_key))(micro_batch.pop("row"))
+        gen["rows"] = jnp.sum(jnp.any(micro_batch["loss_mask"] > 0, axis=1).astype(jnp.float32))
+
+        def sample(mb):
+          return onpolicy.onpolicy_batch(exp.model, state.params, mb, keys_B, sampling)
+
+        def keep(mb):
+          return mb, {"gen_rows": jnp.zeros(()), "gen_tokens": jnp.zeros(())}
+
+        micro_batch, sampled = (sample(micro_batch) if on is True
+                                else jax.lax.cond(on, sample, keep, micro_batch))
+        gen.update(sampled)
       (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch,
                                                               teacher_params, state.step)
-      return g, s
+      return g, {**s, **gen}
 
     grads, sums = sum_over_micro_batches(grads_and_sums, batch, k)
     weight = jnp.maximum(sums["weight"], 1.0)
@@ -142,6 +172,9 @@ def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | No
                       ("agree", "top1_agreement"), ("z_loss", "z_loss")):
       if key in sums:
         metrics[name] = sums[key] / weight
+    for key in ONPOLICY_SUMS:  # raw sums: the loop turns them into rates over each log window
+      if key in sums:
+        metrics[key] = sums[key]
     if exp.distill is not None:
       metrics["alpha"], metrics["temperature"] = (
         jnp.asarray(v, jnp.float32) for v in distill_schedule(exp.distill, state.step))
@@ -276,8 +309,12 @@ class Trainer:
     if exp.distill_mode == "online":
       self.teacher_cfg, self.teacher_params = load_teacher(exp, self.mesh)
       teacher_sharding = jax.tree.map(lambda x: x.sharding, self.teacher_params)
+    stop = ()
+    if exp.distill is not None and exp.distill.onpolicy_lambda:
+      stop = onpolicy.stop_tokens_for(exp.tokenizer)  # the student's samples end at these
     with self._sharding_ctx():
-      self.train_step = jax.jit(make_train_step(exp, self.tx, self.schedule, self.teacher_cfg),
+      self.train_step = jax.jit(make_train_step(exp, self.tx, self.schedule, self.teacher_cfg,
+                                                *[stop] if stop else []),
                                 in_shardings=(self.sh.state, self.sh.batch, teacher_sharding),
                                 out_shardings=(self.sh.state, self.sh.replicated),
                                 donate_argnums=0)
@@ -369,6 +406,7 @@ class Trainer:
       bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     pending, last, summary, skipped = None, {}, {"start_step": start}, 0
     window_start, window_steps = None, 0
+    gen_window = dict.fromkeys(ONPOLICY_SUMS, 0.0)  # on-policy sums over the timed steps
     with _stop_signals() as preempted:
       try:
         for step in range(start, tcfg.steps + 1):
@@ -392,8 +430,17 @@ class Trainer:
               window_start, window_steps = now, 0
             else:
               window_steps += 1
+              for k in gen_window:
+                gen_window[k] += float(m.get(k, 0.0))
             if (done_step + 1) % tcfg.log_every == 0 or done_step + 1 == tcfg.steps:
-              last = {k: float(v) for k, v in m.items() if k != "finite"}
+              last = {k: float(v) for k, v in m.items() if k not in ("finite", *ONPOLICY_SUMS)}
+              if "gen_rows" in m:
+                g = gen_window if window_steps else {k: float(m[k]) for k in ONPOLICY_SUMS}
+                last["onpolicy_fraction"] = g["gen_rows"] / max(g["rows"], 1.0)
+                last["gen_length_mean"] = g["gen_tokens"] / max(g["gen_rows"], 1.0)
+                if window_steps:
+                  last["gen_tokens_per_s"] = g["gen_tokens"] / (now - window_start)
+                gen_window = dict.fromkeys(ONPOLICY_SUMS, 0.0)
               if window_steps:
                 dt = (now - window_start) / window_steps
                 last["step_time_s"] = dt

@@ -23,6 +23,9 @@ class SourceConfig:
     chat template, the loss counts only the model turns (data.chat.encode), and each conversation
     lies whole in one row (packed, with padding, never split; one longer than a row is cut at a turn
     boundary: see pipeline). `text_field` is unused. Chat and text sources mix in one mixture.
+  pack: chat sources only. True: conversations are packed several to a row. False: one conversation
+    per row, from position 0, padded (what on-policy distillation needs: each row is one prompt whose
+    final model turn the student may answer itself, see gemma2_jax/onpolicy.py).
   """
 
   paths: tuple[str, ...] = ()
@@ -35,6 +38,7 @@ class SourceConfig:
   tfds_split: str = "train"
   tfds_data_dir: str | None = None
   chat: bool = False
+  pack: bool = True
 
   def __post_init__(self):
     if isinstance(self.paths, str):
@@ -54,6 +58,9 @@ class SourceConfig:
       raise ValueError("source has no paths")
     if self.chat and self.format not in ("auto", "jsonl", "parquet"):
       raise ValueError(f"a chat source is jsonl or parquet, not {self.format!r}")
+    if not self.pack and not self.chat:
+      raise ValueError("pack=False (one conversation per row) is for chat sources; text sources "
+                       "are always packed")
 
   @property
   def label(self) -> str:

@@ -205,6 +205,20 @@ class _ChatRow(grain.transforms.Map):
     return {k: row[k] for k in ("tokens", "tokens_segment_ids", "tokens_positions", "weights")}
 
 
+class _OneChatRow(grain.transforms.Map):
+  """One conversation per row (`pack=False`): from position 0, padded to the row (segment 0)."""
+
+  def __init__(self, row_len: int):
+    self._n = row_len
+
+  def map(self, conv):
+    n, pad = len(conv["tokens"]), self._n - len(conv["tokens"])
+    return {"tokens": np.pad(conv["tokens"].astype(np.int32), (0, pad)),
+            "tokens_segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
+            "tokens_positions": np.pad(np.arange(n, dtype=np.int32), (0, pad)),
+            "weights": np.pad(conv["weights"], (0, pad))}
+
+
 class _AllWeights(grain.transforms.Map):
   """A text row in a mixture with chat sources: every token weighs 1 (rows batch alike)."""
 
@@ -281,7 +295,9 @@ def _rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count:
     ds = ds.to_iter_dataset(gp.ReadOptions(num_threads=cfg.num_threads,
                                            prefetch_buffer_size=cfg.prefetch))
     ds = gx.FlatMapIterDataset(ds, _Flatten(sc.label, max_empty))
-    if sc.chat:
+    if sc.chat and not sc.pack:
+      ds = ds.map(_OneChatRow(cfg.seq_len + 1))
+    elif sc.chat:
       # The source is shuffled already; unshuffled bins keep the row order a function of the data.
       ds = gx.BestFitPackIterDataset(
           ds, length_struct={"tokens": cfg.seq_len + 1, "weights": cfg.seq_len + 1},
@@ -439,9 +455,11 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
   # What the batch sequence depends on; a resume under anything else would not be exact.
   fingerprint = dict(
       # Paths are left out so that a corpus can move (e.g. to another bucket) between runs.
-      # `chat` only when set: states saved before the field existed stay valid.
+      # `chat` / `pack` only when not at their defaults: states saved before these fields existed
+      # stay valid.
       sources=[{k: v for k, v in dataclasses.asdict(sc).items()
-                if k not in ("paths", "tfds_data_dir") and not (k == "chat" and not v)}
+                if k not in ("paths", "tfds_data_dir") and not (k == "chat" and not v)
+                and not (k == "pack" and v)}
                for sc in cfg.sources],
       tokenizer_sha256=tok.sha256,
       process_index=process_index, process_count=process_count, num_epochs=num_epochs,
