@@ -1,18 +1,35 @@
 """`python -m gemma2_jax.sample --checkpoint PATH [--tokenizer PATH] (--prompt TEXT | --prompts FILE.jsonl)
-[--chat] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--seed S] [--output FILE.jsonl]`
+[--chat] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--seed S] [--output FILE.jsonl]
+[--distributed | --coordinator_address A --num_processes N --process_id I]`
 
 Generates with the KV-cache sampler (gemma2_jax/sampler.py). PATH is any checkpoint `load_model`
 reads (HF, Kaggle, native, a training workdir); the tokenizer defaults to `tokenizer.model` in the
 checkpoint directory, or a workdir's training tokenizer. A prompt is encoded as `<bos>` + its pieces;
-with `--chat` it is first wrapped in Gemma's chat template and the reply ends at `<end_of_turn>`.
+with `--chat` it is Gemma's chat template as ids (`data.chat.prompt_ids`: the ids chat training sees
+for the same turns) and the reply ends at `<end_of_turn>`.
 Generation stops at `<eos>`, `<end_of_turn>` (when the tokenizer has it), any `--stop_ids`, or after
 `--max_new_tokens`. `--temperature 0` (the default) is greedy.
 
 One `--prompt` streams the text to stdout. `--prompts` reads JSONL lines with a `prompt` field (or
 `messages` with `--chat`) and runs them in batches with a progress bar; `--output` gets one JSON line
 per prompt (`index`, `prompt`, `prompt_ids` exactly as fed, `<bos>` included, `completion`,
-`completion_ids` with the stop token when one was hit, `logprobs`). Re-running with the same
-`--output` skips the prompts it already holds (resumable); an output holding other prompts is refused.
+`completion_ids` with the stop token when one was hit, `logprobs`), flushed after every batch.
+Re-running with the same `--output` skips the prompts it already holds (resumable: a kill loses at
+most the batch in flight); an output holding other prompts is refused. Prompts run shortest first, in
+batches of one prompt-length bucket, and each row's random key comes from (`--seed`, the prompt's line
+index): a prompt's result does not depend on the batch it ran in (up to float rounding with the
+batch's size: the last digits of its log-probs).
+
+Several hosts (a TPU pod slice, or any multi-process job): run the same command on every host with
+the distributed flags of training (`--distributed` on TPU pods / SLURM, or `--coordinator_address`,
+`--num_processes`, `--process_id`). The model is loaded onto the mesh of all the job's devices (each
+process reads only its shards of the checkpoint) and every batch is one global batch whose rows are
+split over the processes' devices (`--batch_size` is rounded up so that every data-parallel group of
+processes feeds whole rows to each batch shard; see `Layout`). Every process reads `--prompts` (the
+same file, or identical copies: checked); only process 0 reads and appends `--output` (it need not be
+on shared storage) and shows the progress bar. The output is byte for byte that of one process on the
+same mesh with the same global batch. Bad input is the same `error: ...` line and exit 1 on every
+process.
 """
 
 from __future__ import annotations
@@ -22,7 +39,7 @@ import json
 import os
 import sys
 
-from gemma2_jax.cli import ArgumentParser, run_job
+from gemma2_jax.cli import ArgumentParser, add_distributed_flags, run_job
 
 STREAM_CHUNK = 8  # tokens decoded per device call while streaming one prompt
 
@@ -43,7 +60,8 @@ def parse_args(argv):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--stop_ids", default="", help="extra stop token ids, comma-separated")
   parser.add_argument("--output", default=None, help="JSONL results (with --prompts)")
-  parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
+  parser.add_argument("--batch_size", type=int, default=8,
+                      help="prompts per batch (rounded up to whole rows per batch shard and process)")
   parser.add_argument("--max_len", type=int, default=8192,
                       help="context length: prompt + max_new_tokens must fit (Gemma 2: 8192)")
   parser.add_argument("--dtype", default="auto",
@@ -52,6 +70,7 @@ def parse_args(argv):
   parser.add_argument("--mesh", default="",
                       help="e.g. tensor=4,data=2 (default: tensor over the kv heads, data the rest)")
   parser.add_argument("--no_progress", action="store_true")
+  add_distributed_flags(parser)
   args = parser.parse_args(argv)
   checks = [
     (args.max_new_tokens > 0, f"--max_new_tokens must be positive, got {args.max_new_tokens}"),
@@ -121,7 +140,11 @@ def read_done(path: str, prompts: list) -> set[int]:
   p = epath.Path(path)
   if not p.exists():
     return set()
-  text = p.read_text()
+  try:
+    text = p.read_text()
+  except UnicodeDecodeError:
+    raise SampleError(f"{path} is not UTF-8 text, so not an output of this command; choose another "
+                      "--output") from None
   lines = text.split("\n")
   complete, tail = lines[:-1], lines[-1]
   done = set()
@@ -141,17 +164,83 @@ def read_done(path: str, prompts: list) -> set[int]:
   return done
 
 
-def load(args):
+def open_output(args, prompts: list):
+  """(the output opened for appending, indices it already holds); (None, empty) without --output."""
+  from etils import epath
+
+  if not args.output:
+    return None, set()
+  done = read_done(args.output, prompts)
+  return epath.Path(args.output).open("a"), done
+
+
+# Names of the flags that may differ between the processes of one job.
+PER_PROCESS_FLAGS = ("distributed", "coordinator_address", "num_processes", "process_id",
+                     "no_progress", "checkpoint", "tokenizer", "prompts", "output")
+ERROR_BYTES = 2048  # of process 0's error line, sent to the other processes
+
+
+def agree(args, prompts: list, encoded: list, done: set[int], error: str | None) -> set[int]:
+  """Several processes: the one exchange before any other collective. Every process has read and
+  checked the same inputs by then; process 0 alone has read the output (`done`, or `error`).
+
+  Every process gets process 0's error (and raises it: the same line everywhere, nobody left
+  waiting), a check that all run the same command on the same prompts (a digest of the prompts,
+  their ids and the sampling flags), and the prompts already done. Returns `done` as process 0 has it.
+  """
+  import hashlib
+
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() == 1:
+    if error is not None:
+      raise SampleError(error)
+    return done
+  flags = {k: v for k, v in sorted(vars(args).items()) if k not in PER_PROCESS_FLAGS}
+  digest = hashlib.sha256(json.dumps([flags, prompts, encoded], ensure_ascii=False).encode()).digest()
+  line = (error or "").encode()[:ERROR_BYTES]
+  record = np.zeros(len(digest) + 1 + ERROR_BYTES, np.uint8)
+  record[:len(digest)] = np.frombuffer(digest, np.uint8)
+  record[len(digest)] = error is not None
+  record[len(digest) + 1:len(digest) + 1 + len(line)] = np.frombuffer(line, np.uint8)
+  records = multihost_utils.process_allgather(record)  # [processes, ...] on every process
+  if records[0, len(digest)]:
+    raise SampleError(bytes(records[0, len(digest) + 1:]).rstrip(b"\0").decode(errors="ignore"))
+  other = [i for i, r in enumerate(records) if (r[:len(digest)] != records[0, :len(digest)]).any()]
+  if other:
+    raise SampleError(f"process {other[0]} has other prompts, prompt ids or sampling flags than "
+                      "process 0: run the same command on every host, with the same --prompts file "
+                      "and tokenizer")
+  mask = np.zeros(len(prompts), np.uint8)
+  mask[sorted(done)] = 1
+  return set(np.flatnonzero(multihost_utils.broadcast_one_to_all(mask)).tolist())
+
+
+def make_sampler_mesh(args, cfg):
   import jax
 
+  from gemma2_jax.sharding import make_mesh
+
+  try:
+    return make_mesh(mesh_sizes(args.mesh, cfg.num_kv_heads, jax.device_count()))
+  except ValueError as e:
+    if isinstance(e, SampleError):
+      raise
+    raise SampleError(f"--mesh {args.mesh!r}: {e}") from None
+
+
+def load(args, cfg=None, mesh=None):
+  """The Sampler on the mesh of all the job's devices; each process reads only its shards."""
   from gemma2_jax import checkpoint
   from gemma2_jax.model.transformer import LOGICAL_AXES
   from gemma2_jax.sampler import Sampler
-  from gemma2_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
+  from gemma2_jax.sharding import DEFAULT_RULES, logical_to_sharding
 
-  cfg = checkpoint.read_config(args.checkpoint)
+  cfg = cfg or checkpoint.read_config(args.checkpoint)
   dtype = dtype_for(args.dtype)
-  mesh = make_mesh(mesh_sizes(args.mesh, cfg.num_kv_heads, jax.device_count()))
+  mesh = mesh or make_sampler_mesh(args, cfg)
   shardings = logical_to_sharding(LOGICAL_AXES, mesh, DEFAULT_RULES)
   cfg, params = checkpoint.load_sharded(args.checkpoint, dtype, shardings, config=cfg)
   cfg = cfg.replace(dtype=dtype)
@@ -190,10 +279,15 @@ def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
 
   def run() -> int:
+    import jax
+
     from gemma2_jax import checkpoint
     from gemma2_jax.data.tokenizer import Tokenizer
     from gemma2_jax.sampler import SamplingConfig, encode_prompt, stop_ids
 
+    # Every input is read and checked by every process alike before any collective (bad input is
+    # then the same error line on every process, and none waits on another that stopped); only the
+    # output is process 0's, and `agree` hands its error to the others.
     checkpoint.detect_format(args.checkpoint)  # a wrong path fails before anything heavy
     tokenizer = Tokenizer(args.tokenizer or default_tokenizer(args.checkpoint))
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts, args.chat)
@@ -203,16 +297,36 @@ def main(argv=None) -> int:
         where = "the prompt" if args.prompt is not None else f"prompt {i + 1} of {args.prompts}"
         raise SampleError(f"{where} has {len(ids)} tokens: with --max_new_tokens "
                           f"{args.max_new_tokens} it exceeds the context --max_len {args.max_len}")
-    done = read_done(args.output, prompts) if args.output else set()
-    sampler = load(args)
-    tokenizer.check(sampler.cfg.vocab_size)
+    cfg = checkpoint.read_config(args.checkpoint)
+    tokenizer.check(cfg.vocab_size)
+    dtype_for(args.dtype)
+    mesh = make_sampler_mesh(args, cfg)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, cache_dtype=args.cache_dtype,
                               stop_tokens=stop_ids(tokenizer, args.chat, args.stop_ids))
-    if args.prompt is not None:
-      stream(sampler, tokenizer, encoded[0], sampling, args.seed)
-    else:
-      run_batches(sampler, tokenizer, prompts, encoded, sampling, args, done)
+    out, done, error = None, set(), None
+    if jax.process_index() == 0:
+      try:
+        out, done = open_output(args, prompts)
+      except (SampleError, OSError) as e:
+        if jax.process_count() == 1:
+          raise
+        error = str(e) if isinstance(e, SampleError) else (
+          f"{e.strerror or e}: {e.filename or args.output} (check the output path)")
+    try:
+      done = agree(args, prompts, encoded, done, error)
+      if len(done) == len(prompts):  # a finished output: nothing to load
+        if jax.process_index() == 0:
+          print(f"{args.output} holds all {len(prompts)} prompts already", file=sys.stderr)
+        return 0
+      sampler = load(args, cfg, mesh)
+      if args.prompt is not None:
+        stream(sampler, tokenizer, encoded[0], sampling, args.seed)
+      else:
+        run_batches(sampler, tokenizer, prompts, encoded, sampling, args, done, out)
+    finally:
+      if out is not None:
+        out.close()
     return 0
 
   def expected():
@@ -224,58 +338,143 @@ def main(argv=None) -> int:
   return run_job(args, run, expected)
 
 
-def stream(sampler, tokenizer, prompt_ids, sampling, seed: int):
-  """Decodes STREAM_CHUNK tokens per call and prints the text as it grows."""
-  from gemma2_jax.sampler import completion_text, results
+class Layout:
+  """How one global batch of `size` rows is fed by the processes and read back.
 
-  state = sampler.start([prompt_ids], sampling, seed=seed)
+  The processes whose devices hold the same rows form a data group (`sharding.data_group`); group g
+  feeds rows [g * local, (g + 1) * local) of a batch's list as its own rows, which the Sampler lays out
+  on the group's blocks of the global array (`sharding.host_to_global`): global row r is list position
+  `order[r]`. `Sampler.start` pads the rows it is given to a multiple of the mesh's batch shards (all
+  of them, not this group's share), so every group feeds such a multiple of real prompts and the
+  Sampler adds no rows: `size` = groups x min_rows / groups rounded up to the batch shards, which is
+  min_rows itself when that is a multiple of groups x shards (then the batches are those of one
+  process on the same mesh). One process: min_rows rounded up to the batch shards, as before.
+  """
+
+  def __init__(self, sampler, min_rows: int):
+    import math
+
+    from gemma2_jax.sharding import data_group, process_row_blocks
+
+    if sampler.row_sharding is None:
+      self.index, self.local, self.order = 0, min_rows, list(range(min_rows))
+      self.size, self.shards, self.groups = min_rows, 1, 1
+      return
+    self.shards = shards = sampler.rows_multiple
+    self.groups = groups = data_group(sampler.row_sharding, shards).count
+    self.local = math.ceil(math.ceil(min_rows / groups) / shards) * shards
+    self.size = self.local * groups
+    self.index = data_group(sampler.row_sharding, self.size).index
+    blocks = sorted(set(process_row_blocks(sampler.row_sharding, self.size).values()))
+    self.order = [0] * self.size
+    for g, group_blocks in enumerate(blocks):
+      at = g * self.local
+      for start, stop in group_blocks:
+        for r in range(start, stop):
+          self.order[r], at = at, at + 1
+
+  def start(self, sampler, rows: list[int], encoded, sampling, seed: int):
+    """Prefills the prompts `rows` (indices into `encoded`, at most `size`; the batch filled with
+    copies of the first), each process its group's share; per-row keys from the indices."""
+    batch = rows + [rows[0]] * (self.size - len(rows))
+    mine = batch[self.index * self.local:(self.index + 1) * self.local]
+    return sampler.start([encoded[i] for i in mine], sampling, seed=seed, row_ids=mine)
+
+  def results(self, state, n: int) -> list:
+    """The first `n` rows' SampleResults, in list order, on every process."""
+    from jax.experimental import multihost_utils
+
+    from gemma2_jax.sampler import SampleResult
+
+    tokens, lengths, logprobs = multihost_utils.process_allgather(
+      (state.tokens_BN, state.lengths_B, state.logprobs_BN), tiled=True)
+    if len(tokens) != self.size:
+      raise AssertionError(f"the sampler ran {len(tokens)} rows, expected {self.size}")
+    out = [None] * n
+    for r, at in enumerate(self.order):
+      if at < n:
+        out[at] = SampleResult(tokens[r, :lengths[r]].tolist(), logprobs[r, :lengths[r]].tolist())
+    return out
+
+
+def batches(todo: list[int], encoded: list, size: int):
+  """The pending prompts shortest first (then by index), in batches of at most `size` that hold one
+  prompt-length bucket each: every process's rows then have the batch's bucket, and a prompt is
+  padded to its own bucket whatever the batch."""
+  import itertools
+
+  from gemma2_jax.sampler import bucket_length
+
+  todo = sorted(todo, key=lambda i: (len(encoded[i]), i))
+  for _, same in itertools.groupby(todo, key=lambda i: bucket_length(len(encoded[i]))):
+    same = list(same)
+    for start in range(0, len(same), size):
+      yield same[start:start + size]
+
+
+def stream(sampler, tokenizer, prompt_ids, sampling, seed: int):
+  """Decodes STREAM_CHUNK tokens per call and prints the text as it grows (process 0)."""
+  import jax
+
+  from gemma2_jax.sampler import completion_text
+
+  layout = Layout(sampler, 1)
+  state = layout.start(sampler, [0], [prompt_ids], sampling, seed)
   printed, n = "", 0
+  write = jax.process_index() == 0
   while True:
     n = min(n + STREAM_CHUNK, sampling.max_new_tokens)
     state = sampler.continue_(state, sampling, until=n)
-    r = results(state, 1)[0]
+    r = layout.results(state, 1)[0]
     text = completion_text(tokenizer, r.tokens, sampling.stop_tokens)
     if text.startswith(printed):  # a byte-fallback character may still be incomplete
-      sys.stdout.write(text[len(printed):])
-      sys.stdout.flush()
+      if write:
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
       printed = text
     if len(r.tokens) < n or n == sampling.max_new_tokens:
       break
-  sys.stdout.write(text[len(printed):] + "\n")
+  if write:
+    sys.stdout.write(text[len(printed):] + "\n")
 
 
-def run_batches(sampler, tokenizer, prompts, encoded, sampling, args, done: set[int]):
-  from etils import epath
+def run_batches(sampler, tokenizer, prompts, encoded, sampling, args, done: set[int], out):
+  """Every process runs every batch (its share of the rows); process 0 writes the results, one line
+  per prompt, flushed after each batch (stdout without --output), and shows the progress bar."""
+  import jax
   from tqdm import tqdm
 
   from gemma2_jax.sampler import completion_text
 
+  layout = Layout(sampler, args.batch_size)
+  write = jax.process_index() == 0
   todo = [i for i in range(len(prompts)) if i not in done]
+  if write and layout.size != args.batch_size:
+    print(f"batches of {layout.size} prompts: --batch_size {args.batch_size} rounded up to whole rows "
+          f"per batch shard ({layout.shards}) on each of {layout.groups} data group(s) of processes",
+          file=sys.stderr)
   bar = tqdm(total=len(prompts), initial=len(done), desc="sample", unit="prompt",
-             disable=args.no_progress, dynamic_ncols=True, file=sys.stderr)
-  out = epath.Path(args.output).open("a") if args.output else None
+             disable=args.no_progress or not write, dynamic_ncols=True, file=sys.stderr)
   try:
-    # Similar lengths together: fewer padding tokens and fewer bucket programs.
-    todo.sort(key=lambda i: len(encoded[i]))
-    for start in range(0, len(todo), args.batch_size):
-      rows = todo[start:start + args.batch_size]
-      results = sampler([encoded[i] for i in rows], sampling, seed=args.seed, row_ids=rows,
-                        min_rows=args.batch_size)
-      for i, r in zip(rows, results, strict=True):
-        text = completion_text(tokenizer, r.tokens, sampling.stop_tokens)
-        record = {"index": i, "prompt": prompts[i], "prompt_ids": encoded[i], "completion": text,
-                  "completion_ids": r.tokens, "logprobs": [round(x, 6) for x in r.logprobs]}
+    for rows in batches(todo, encoded, layout.size):
+      state = sampler.continue_(layout.start(sampler, rows, encoded, sampling, args.seed), sampling)
+      results = layout.results(state, len(rows))
+      if write:
+        lines = []
+        for i, r in zip(rows, results, strict=True):
+          text = completion_text(tokenizer, r.tokens, sampling.stop_tokens)
+          record = {"index": i, "prompt": prompts[i], "prompt_ids": encoded[i], "completion": text,
+                    "completion_ids": r.tokens, "logprobs": [round(x, 6) for x in r.logprobs]}
+          lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         if out is not None:
-          out.write(json.dumps(record, ensure_ascii=False) + "\n")
+          out.write("".join(lines))
+          out.flush()
         else:
-          print(json.dumps(record, ensure_ascii=False))
-      if out is not None:
-        out.flush()
+          sys.stdout.write("".join(lines))
+          sys.stdout.flush()
       bar.update(len(rows))
   finally:
     bar.close()
-    if out is not None:
-      out.close()
 
 
 if __name__ == "__main__":

@@ -106,9 +106,10 @@ def test_loss_mask_counts_exactly_the_model_turns(tmp_path, tok, tok_path, paras
   # a prompt is the ids the sampler feeds for it (<bos> + the rendered prompt, markers single ids)
   opener = len(enc("model\n"))
   first_reply = 1 + 1 + len(enc("user\n" + q1)) + 1 + len(nl) + 1 + opener
+  assert ids[:first_reply].tolist() == chat.prompt_ids(messages[:1], tok)
   assert ids[:first_reply].tolist() == [BOS_ID, *enc(render_prompt(messages[:1]))]
   second_reply = cuts[0] + len(nl) + 1 + len(enc("user\n" + q2)) + 1 + len(nl) + 1 + opener
-  assert ids[:second_reply].tolist() == [BOS_ID, *enc(render_prompt(messages[:3]))]
+  assert ids[:second_reply].tolist() == chat.prompt_ids(messages[:3], tok)
 
   # through the pipeline: a position counts when the token it predicts is a model turn's
   path = _jsonl(tmp_path / "one.jsonl", [{"messages": messages}])
@@ -121,6 +122,34 @@ def test_loss_mask_counts_exactly_the_model_turns(tmp_path, tok, tok_path, paras
   assert tok.decode(counted) == f"{a1}<end_of_turn>{a2}<end_of_turn>"
   # bits per byte: the reply's text bytes; the turn marker is scaffolding, 0 bytes
   assert b["target_bytes"][0].sum() == len(a1.encode()) + len(a2.encode())
+
+
+def test_prompt_ids_are_the_trainer_ids_up_to_the_reply(tok, paras):
+  """chat.prompt_ids (what `sample --chat` feeds the teacher) == chat.encode's ids of the same
+  conversation up to the last model turn's text: a reply is written after the very ids the student is
+  trained on before it, multi-turn and system prompts included."""
+  from gemma2_jax.sampler import encode_prompt
+
+  messages = [{"role": "system", "content": "법률가처럼 답하라."}, *_messages(paras, 5, 3)]
+  [(ids, weights, cuts)] = chat.encode([conversation({"messages": messages})], tok, bos=True)
+  nl = tok.encode("\n")
+  for k, model_turn in enumerate(range(2, len(messages), 2)):  # each model turn's reply in turn
+    reply = tok.encode(messages[model_turn]["content"])
+    end = cuts[k] - 1 - len(reply)  # the reply's first token (cuts: just after its <end_of_turn>)
+    got = chat.prompt_ids(messages[:model_turn], tok)
+    assert got == ids[:end].tolist(), k
+    assert ids[end:cuts[k] - 1].tolist() == reply and weights[end:cuts[k]].all()
+    assert tok.decode(got) == render_prompt(messages[:model_turn])
+    assert encode_prompt(tok, messages[:model_turn], chat=True) == got  # the sampler's ids
+  assert cuts[-1] + len(nl) == len(ids)
+  assert chat.prompt_ids(messages[:-1], tok, bos=False) == chat.prompt_ids(messages[:-1], tok)[1:]
+  # a string is one user turn; a prompt must end with a user message; the markers are checked
+  assert chat.prompt_ids("수도는?", tok) == chat.prompt_ids([{"role": "user", "content": "수도는?"}],
+                                                            tok)
+  with pytest.raises(chat.ChatError, match="must end with a user message"):
+    chat.prompt_ids(messages, tok)
+  with pytest.raises(DataError, match=r"has no <start_of_turn> / <end_of_turn> piece"):
+    chat.prompt_ids("수도는?", Tokenizer(PLAIN_TOK))
 
 
 def test_packed_conversations_are_whole_and_never_attend_across(tmp_path, tok, tok_path, paras):

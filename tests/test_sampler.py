@@ -259,7 +259,7 @@ def test_cli_prompts_file_output_and_resume(hf_dir, sampler, tmp_path):
   (["--temperature", "-1"], "--temperature must be >= 0"),
   (["--top_p", "0"], "--top_p must be in (0, 1]"),
   (["--max_len", "8"], "exceeds the context --max_len 8"),
-  (["--chat"], "has no <start_of_turn> piece"),
+  (["--chat"], "has no <start_of_turn> / <end_of_turn> piece; chat data needs"),
   (["--tokenizer", "/nonexistent/t.model"], "tokenizer model not found"),
 ])
 def test_cli_bad_input_is_one_line(hf_dir, args, message):

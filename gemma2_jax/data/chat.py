@@ -13,7 +13,8 @@ template as token ids (`encode`): `<start_of_turn>` and `<end_of_turn>` are sing
 106 / 107 in Gemma's tokenizer, user-defined symbols in one from `prepare_data train-tokenizer`), and
 each token carries a loss weight: 1 on a model turn's text and its `<end_of_turn>` (what the model
 writes when sampled), 0 on user turns and on the scaffolding (`<bos>`, `<start_of_turn>model\\n`, the
-`\\n` after `<end_of_turn>`).
+`\\n` after `<end_of_turn>`). A prompt for generation as ids is `prompt_ids` (what `sample --chat` and
+`generate(chat=True)` feed): the ids `encode` gives the same turns, up to the reply's text.
 """
 
 from __future__ import annotations
@@ -137,6 +138,39 @@ def conversation(record: Mapping) -> Conversation:
   return Conversation(tuple(turns[:last_model + 1]), last_id)
 
 
+def _texts(turns: Sequence[tuple[str, str]]) -> list[str]:
+  """The text between the markers of each turn, encoded on its own: `{role}\\n{text}` for a user
+  turn, the bare text for a model turn (its `model\\n` opener is a segment of its own)."""
+  return [text if role == "model" else f"{role}\n{text}" for role, text in turns]
+
+
+def _parts(turns: Sequence[tuple[str, str]], pieces, ids: tuple, *, cut_last: bool = False,
+           open_reply: bool = False) -> tuple[list[tuple[list[int], int]], list[int]]:
+  """The template at the id level, the one implementation: (ids, loss weight) parts and cuts.
+
+  `pieces` yields the ids of `_texts(turns)` in order; `ids` = (bos or None, <start_of_turn>,
+  <end_of_turn>, ids of `model\\n`, ids of `\\n`). `cut_last`: the last (model) turn ends without
+  `<end_of_turn>` (a reply cut at --max_new_tokens); `open_reply`: the parts end with the model's
+  turn opener, the prompt a model continues.
+  """
+  bos, sot, eot, model_opener, newline = ids
+  parts: list[tuple[list[int], int]] = [([bos], 0)] if bos is not None else []
+  cuts = []
+  for k, (role, _) in enumerate(turns):
+    if role != "model":
+      parts += [([sot], 0), (next(pieces), 0), ([eot], 0), (newline, 0)]
+      continue
+    parts += [([sot], 0), (model_opener, 0), (next(pieces), 1)]
+    if k == len(turns) - 1 and cut_last:
+      break
+    parts.append(([eot], 1))
+    cuts.append(sum(len(p) for p, _ in parts))
+    parts.append((newline, 0))
+  if open_reply:
+    parts += [([sot], 0), (model_opener, 0)]
+  return parts, cuts
+
+
 def encode(conversations: Sequence[Conversation], tok, *, bos: bool
            ) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
   """Conversations -> (ids int32, loss weights uint8, cuts) each; `tok` is a data.Tokenizer.
@@ -144,9 +178,10 @@ def encode(conversations: Sequence[Conversation], tok, *, bos: bool
   The turn markers are looked up as ids (`tok.chat_ids()`, a DataError for a tokenizer without
   them) and the text between them is encoded on its own, rather than trusting SentencePiece to cut
   the rendered text at the markers (it does for user-defined pieces, not for control pieces).
-  Between two markers the text is one string, as the sampler encodes a rendered prompt, so a prompt
-  gets the same ids here as there; a model turn's text is encoded apart from its `model\\n` opener,
-  as the sampler prompts with the opener and the model writes the text after it.
+  Between two markers the text is one string, except that a model turn's text is encoded apart from
+  its `model\\n` opener, as the sampler prompts with the opener and the model writes the text after
+  it: `prompt_ids` of a conversation's turns before a model turn are exactly the ids here up to that
+  turn's text (the ids the sampler feeds are the ids the trainer sees).
 
   cuts: token offsets just after each closed model turn's `<end_of_turn>`, where the conversation
   may be truncated (see `fit`).
@@ -154,29 +189,39 @@ def encode(conversations: Sequence[Conversation], tok, *, bos: bool
   sot, eot = tok.chat_ids()
   segments = ["model\n", "\n"]
   for c in conversations:
-    for role, text in c.turns:
-      segments.append(text if role == "model" else f"{role}\n{text}")
+    segments += _texts(c.turns)
   pieces = iter(tok.encode_batch(segments))
   model_opener, newline = next(pieces), next(pieces)
   stops = (tok.sp.eos_id(), eot)
+  ids = (tok.sp.bos_id() if bos else None, sot, eot, model_opener, newline)
   out = []
   for c in conversations:
-    parts: list[tuple[list[int], int]] = [([tok.sp.bos_id()], 0)] if bos else []
-    cuts = []
-    for k, (role, _) in enumerate(c.turns):
-      if role != "model":
-        parts += [([sot], 0), (next(pieces), 0), ([eot], 0), (newline, 0)]
-        continue
-      parts += [([sot], 0), (model_opener, 0), (next(pieces), 1)]
-      if k == len(c.turns) - 1 and c.last_id is not None and c.last_id not in stops:
-        break  # a reply cut at --max_new_tokens: no <end_of_turn> (see Conversation)
-      parts.append(([eot], 1))
-      cuts.append(sum(len(p) for p, _ in parts))
-      parts.append((newline, 0))
-    ids = np.fromiter((i for p, _ in parts for i in p), np.int32)
-    weights = np.fromiter((w for p, w in parts for _ in p), np.uint8)
-    out.append((ids, weights, cuts))
+    cut_last = c.last_id is not None and c.last_id not in stops  # see Conversation
+    parts, cuts = _parts(c.turns, pieces, ids, cut_last=cut_last)
+    out.append((np.fromiter((i for p, _ in parts for i in p), np.int32),
+                np.fromiter((w for p, w in parts for _ in p), np.uint8), cuts))
   return out
+
+
+def prompt_ids(messages: Sequence[dict] | str, tok, bos: bool = True) -> list[int]:
+  """The ids a model continues for a chat prompt: `<bos>` + the conversation so far + the model's
+  turn opener `<start_of_turn>model\\n` (`render_prompt` as ids). `tok` is a data.Tokenizer.
+
+  The same ids as `encode` gives the same turns up to the reply's text (the template at the id
+  level is `_parts`, shared by both); the markers are checked once, by `tok.chat_ids()` (a DataError
+  for a tokenizer without them). A string is one user message; a ChatError for a malformed
+  conversation or one that does not end with a user message.
+  """
+  if isinstance(messages, str):
+    messages = [{"role": "user", "content": messages}]
+  turns = normalize(messages)
+  if not turns or turns[-1][0] != "user":
+    raise ChatError("a chat prompt must end with a user message")
+  sot, eot = tok.chat_ids()
+  pieces = iter(tok.encode_batch(["model\n", "\n", *_texts(turns)]))
+  ids = (tok.sp.bos_id() if bos else None, sot, eot, next(pieces), next(pieces))
+  parts, _ = _parts(turns, pieces, ids, open_reply=True)
+  return [int(i) for p, _ in parts for i in p]
 
 
 def fit(ids: np.ndarray, weights: np.ndarray, cuts: Sequence[int], max_len: int
