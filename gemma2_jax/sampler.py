@@ -29,17 +29,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma2_jax.data.chat import END_OF_TURN, START_OF_TURN, render_prompt
+from gemma2_jax.data.chat import END_OF_TURN, prompt_ids
 from gemma2_jax.model.attention import attention_cached
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import (
   DECODE_LAYOUT,
+  LOGICAL_AXES,
   forward_with,
   logits_from_hidden,
   row_attention,
   to_layout,
 )
-from gemma2_jax.sharding import constrain, current_platform
+from gemma2_jax.sharding import constrain, constrain_tree, current_platform
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 END_OF_TURN_ID = 107  # Gemma's `<end_of_turn>`; a custom tokenizer's id comes from the tokenizer.
@@ -237,14 +238,18 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, sampling: Samplin
   prompt_len = S - N
   stop = jnp.asarray(sampling.stop_tokens, jnp.int32)
   until = N if until is None else jnp.minimum(until, N)
-  embedding_VD = params["embedder"]["input_embedding"]
-  # Once per call, outside the loop: the layer weights D-first (transformer.DECODE_LAYOUT) in the
-  # compute dtype, one buffer per layer (the decoder's unrolled form: a step reads each weight once,
-  # no slicing copies), and each layer's keys and values as their own buffers in the layouts
-  # attention reads (LOOP_CACHE_AXES), updated in place; restacked into the state's at the end.
-  layers = to_layout(params["layers"], DECODE_LAYOUT)
-  layers = [jax.tree.map(lambda w, i=i: w[i].astype(cfg.dtype), layers)
-            for i in range(cfg.num_layers)]
+  # Once per call, outside the loop: the weights in the compute dtype with their FSDP shards gathered
+  # (a step reads every weight; gathering them per token would move the whole model at every step;
+  # the copy costs params x dtype bytes / tensor-parallel size per device), the layer weights D-first
+  # (transformer.DECODE_LAYOUT), one buffer per layer (the decoder's unrolled form: a step reads each
+  # weight once, no slicing copies), and each layer's keys and values as their own buffers in the
+  # layouts attention reads (LOOP_CACHE_AXES), updated in place; restacked into the state's at the
+  # end. The token embedding lookup keeps the params as they are (one row per token).
+  gathered = constrain_tree(jax.tree.map(lambda w: w.astype(cfg.dtype), params), LOGICAL_AXES,
+                            unshard=("embed",))
+  embedding_VD = gathered["embedder"]["input_embedding"]
+  layers = to_layout(gathered["layers"], DECODE_LAYOUT)
+  layers = [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(cfg.num_layers)]
   params = {**params, "layers": layers}
   cache_dtype = state.caches[0][0].dtype
   loop_dtype = _loop_cache_dtype(cache_dtype)
@@ -417,13 +422,10 @@ def stop_ids(tokenizer, chat: bool, extra=()) -> tuple[int, ...]:
 
 
 def encode_prompt(tokenizer, prompt, chat: bool) -> list[int]:
-  """<bos> + pieces of the prompt (chat: of the rendered template, whose turn markers are single
-  tokens)."""
+  """<bos> + pieces of the prompt; chat: `data.chat.prompt_ids` (the template at the id level, the
+  ids the trainer sees for the same turns; a DataError for a tokenizer without the turn markers)."""
   if chat:
-    if tokenizer.sp.PieceToId(START_OF_TURN) == tokenizer.sp.unk_id():
-      raise PromptError(f"tokenizer {tokenizer.path} has no {START_OF_TURN} piece; --chat needs a "
-                        "tokenizer with Gemma's chat tokens")
-    prompt = render_prompt(prompt)
+    return prompt_ids(prompt, tokenizer)
   return [tokenizer.sp.bos_id(), *tokenizer.encode(prompt)]
 
 

@@ -136,6 +136,18 @@ def constrain(x, logical: Sequence[str | None]):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, rules)))
 
 
+def constrain_tree(tree, logical_tree, *, unshard: Sequence[str] = ()):
+  """`constrain` for a tree (e.g. params) by its logical axes tree, with the logical names in
+  `unshard` replicated: ("embed",) gathers FSDP shards, keeping tensor parallelism."""
+  active = _ACTIVE.get()
+  if active is None:
+    return tree
+  mesh, rules = active
+  rules = tuple((name, None if name in unshard else axes) for name, axes in rules)
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree,
+                      logical_to_sharding(logical_tree, mesh, rules))
+
+
 @dataclasses.dataclass(frozen=True)
 class DataGroup:
   """The batch rows one process feeds, derived from the batch sharding.
