@@ -1,20 +1,37 @@
-"""Compile the real train step ahead of time for a TPU slice; report per-chip memory, compile time and
-the step's FLOPs per chip (the trainer's MFU count against a count of the traced step's matmuls).
+"""Compile a job's programs ahead of time for a TPU slice; report per-chip memory, compile time and
+the train step's FLOPs per chip (the trainer's MFU count against a count of the traced step's matmuls).
 
   pip install -e ".[tpu]"        # libtpu: lets this CPU host compile for TPU topologies
   python -m gemma2_jax.aot --config=configs/distill_9b.py --topology=v5p:4x4x4 \\
       --config.teacher.preset=gemma2_27b [--config.a.b=v ...]
+  python -m gemma2_jax.aot --sample (--preset=gemma2_27b | --checkpoint=PATH) --topology=v5p:2x2x1 \\
+      --batch_size=64 --prompt_len=2048 --max_new_tokens=1024 [--cache_dtype=bfloat16] [--mesh=tensor=4]
 
-Nothing is allocated and no checkpoint is read: params, optimizer state, the teacher and the batch are
-abstract (shapes + shardings on the slice's mesh). The teacher's shapes come from `teacher.preset`, or
-from the config file of its checkpoint when that is readable here. Exit code 0 if the step fits the
-chip's HBM, 1 if it does not (or on bad input, with one `error:` line).
+A config compiles its train step, eval step and (with a teacher) teacher_logits step. `--sample`
+compiles `python -m gemma2_jax.sample`'s two programs instead (sampler.Sampler's jitted prefill and
+its decode loop, the decode state donated) for `--batch_size` rows of a `--prompt_len`-token prompt
+bucket, with that CLI's flags and defaults: params in --dtype (bfloat16, sample's `auto` on TPU) laid
+out by the sharding rules on its default mesh (tensor over the kv heads, data the rest) or --mesh.
+Measured (libtpu 0.0.52; greedy, prompt bucket 2048 + 1024 new tokens, bf16 params and cache), peak
+GiB per chip of prefill / decode: the 27B teacher writing SFT responses (`sample --chat`) on v5p:2x2x1
+(one host, tensor=4) 55.7 / 66.7 at B=64 (KV cache 17.25 per chip), 83.4 / 93.0 at B=128 (34.5); on
+v5p:2x2x2 (tensor=8) 25.8 / 33.4 at B=64; gemma2_9b on v5p:2x2x1 34.0 / 40.1 at B=64 (cache 15.75).
+Decode's temporaries are about a second copy of the params and of the cache (its per-layer weights
+in DECODE_LAYOUT and the loop's own cache buffers), next to the arguments.
+
+Nothing is allocated and no weights are read: params, optimizer state, the teacher, the batch and the
+prompts are abstract (shapes + shardings on the slice's mesh). The teacher's shapes come from
+`teacher.preset`, or from the config file of its checkpoint when that is readable here (likewise
+`--sample --checkpoint`). Exit code 0 if every program fits the chip's HBM, 1 if one does not (or on
+bad input, with one `error:` line).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from typing import Any
 
 from gemma2_jax.cli import ArgumentParser, parse_with_overrides
 
@@ -135,6 +152,134 @@ def compile_teacher_logits_step(exp, devices, k: int = 128):
     return step.lower(teacher, rows, rows, rows).compile()
 
 
+def sampler_model_config(preset: str | None, checkpoint_path: str | None, dtype: str):
+  """The sampled model's shapes (a preset, or a checkpoint's config file) with params and compute in
+  `dtype`, as `python -m gemma2_jax.sample --dtype` loads them."""
+  from gemma2_jax import checkpoint
+  from gemma2_jax.experiment import ConfigError
+  from gemma2_jax.model.config import get_preset
+
+  if preset:
+    try:
+      cfg = get_preset(preset)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  else:
+    cfg = checkpoint.read_config(checkpoint_path)  # CheckpointError: one error line
+  return cfg.replace(param_dtype=dtype, dtype=dtype)
+
+
+@dataclasses.dataclass
+class SamplerPrograms:
+  """The sampler's compiled programs on a mesh, and what they were compiled for."""
+
+  mesh: Any
+  rows: int  # the batch as run: --batch_size rounded up to a multiple of the batch shards
+  bucket: int  # the prompt bucket (power of two) the prompts are left-padded to
+  prefill: Any  # jax.stages.Compiled
+  decode: Any
+  seconds: dict
+  cache_bytes_per_chip: int  # the decode state's KV caches on one chip
+  cache_bytes_total: int
+  param_bytes_per_chip: int
+
+
+def compile_sampler(cfg, devices, *, batch_size: int, prompt_len: int, sampling,
+                    mesh: dict | None = None) -> SamplerPrograms:
+  """Lowers and compiles `python -m gemma2_jax.sample`'s programs for `devices`: the Sampler's own
+  jitted prefill and decode (the state donated), params laid out by the sharding rules on `mesh`
+  (default: sample's, tensor over the kv heads and data the rest), rows as Sampler.start pads them.
+  The decode state's abstract inputs are prefill's outputs with the shardings prefill gives them."""
+  import math
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from gemma2_jax.model.transformer import LOGICAL_AXES, param_shapes
+  from gemma2_jax.sample import mesh_sizes
+  from gemma2_jax.sampler import Sampler, bucket_length
+  from gemma2_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
+
+  S = jax.ShapeDtypeStruct
+  mesh = make_mesh(mesh or mesh_sizes("", cfg.num_kv_heads, len(devices)), devices)
+  params = jax.tree.map(lambda shape, sh: S(shape, jnp.dtype(cfg.param_dtype), sharding=sh),
+                        param_shapes(cfg), logical_to_sharding(LOGICAL_AXES, mesh, DEFAULT_RULES),
+                        is_leaf=lambda x: isinstance(x, tuple))
+  sampler = Sampler(cfg, params, mesh=mesh)
+  B = batch_size + -batch_size % sampler.rows_multiple
+  T = bucket_length(prompt_len)
+
+  def rows(shape, dtype):  # as Sampler._rows lays out host rows
+    spec = PartitionSpec(*sampler.row_sharding.spec[:1], *[None] * (len(shape) - 1))
+    return S(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+  seconds = {}
+  with sampler._ctx():
+    start = time.perf_counter()
+    prefill = sampler._prefill.lower(cfg, params, rows((B, T), jnp.int32), rows((B,), jnp.int32),
+                                     S((), jnp.uint32), rows((B,), jnp.uint32), sampling).compile()
+    seconds["prefill"] = time.perf_counter() - start
+    state = jax.tree.map(lambda x: S(x.shape, x.dtype, sharding=x.sharding), prefill.out_info)
+    start = time.perf_counter()
+    decode = sampler._decode.lower(cfg, params, state, sampling, S((), jnp.int32)).compile()
+    seconds["decode"] = time.perf_counter() - start
+
+  def nbytes(tree, per_chip: bool):
+    return sum(math.prod(x.sharding.shard_shape(x.shape) if per_chip else x.shape)
+               * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+  return SamplerPrograms(mesh=mesh, rows=B, bucket=T, prefill=prefill, decode=decode,
+                         seconds=seconds, cache_bytes_per_chip=nbytes(state.caches, True),
+                         cache_bytes_total=nbytes(state.caches, False),
+                         param_bytes_per_chip=nbytes(params, True))
+
+
+def memory_line(name: str, compiled, hbm: int | None, seconds: float) -> tuple[str, bool]:
+  """One program's per-chip memory against the chip's HBM: (the report line, whether it fits)."""
+  m, total = compiled.memory_analysis(), peak_bytes(compiled)
+  fits = hbm is None or total <= hbm * GiB
+  return (f"{name} per chip: arguments {m.argument_size_in_bytes / GiB:.2f} GiB, outputs "
+          f"{m.output_size_in_bytes / GiB:.2f} GiB (aliased {m.alias_size_in_bytes / GiB:.2f}), "
+          f"temporaries {m.temp_size_in_bytes / GiB:.2f} GiB -> peak {total / GiB:.2f} GiB"
+          + (f" of {hbm} GiB HBM: {'fits' if fits else 'DOES NOT FIT'}" if hbm else "")
+          + f" (traced and compiled in {seconds:.0f} s)"), fits
+
+
+def sampler_report(p: SamplerPrograms, cfg, name: str, *, batch_size: int,
+                   sampling) -> tuple[list[str], str | None]:
+  """The compiled sampler's per-chip memory: (report lines, the first program that does not fit the
+  chip's HBM or None)."""
+  from gemma2_jax.sampler import _cache_sizes
+
+  devices = list(p.mesh.devices.flat)
+  kind = devices[0].device_kind
+  hbm = HBM_GIB.get(kind)
+  hosts = len({d.process_index for d in devices})
+  W, S = _cache_sizes(cfg, p.bucket, sampling)
+  sizes = {k: v for k, v in p.mesh.shape.items() if v > 1} or {"data": 1}
+  lines = [
+    f"sampler {name} ({len(devices)} x {kind}, {hosts} hosts), mesh {sizes}, {cfg.param_dtype} params, "
+    f"B={p.rows}" + (f" ({batch_size} asked, padded to the batch shards)" if p.rows != batch_size else "")
+    + f", prompt bucket {p.bucket} + {sampling.max_new_tokens} new tokens, "
+    f"{'greedy' if sampling.greedy else f'temperature {sampling.temperature}'}"
+    + (f" top_k {sampling.top_k}" if sampling.top_k else "")
+    + (f" top_p {sampling.top_p}" if sampling.top_p else "") + f", cache {sampling.cache_dtype}",
+    f"params per chip {p.param_bytes_per_chip / GiB:.2f} GiB; KV cache {p.cache_bytes_total / GiB:.2f} "
+    f"GiB in all, {p.cache_bytes_per_chip / GiB:.2f} GiB per chip (local layers {W} ring slots, global "
+    f"layers {S})",
+  ]
+  too_big = None
+  for part in ("prefill", "decode"):
+    line, fits = memory_line(part, getattr(p, part), hbm, p.seconds[part])
+    lines.append(line)
+    too_big = too_big or (None if fits else part)
+  if hosts > 1:
+    lines.append(f"note: python -m gemma2_jax.sample runs as one process, which reaches one host's "
+                 f"chips; this slice has {hosts} hosts")
+  return lines, too_big
+
+
 def traced_flops(jaxpr, num_devices: int) -> tuple[float, float]:
   """FLOPs per chip of every matmul in a traced step: (outside Pallas kernels, inside them).
 
@@ -143,6 +288,8 @@ def traced_flops(jaxpr, num_devices: int) -> tuple[float, float]:
   recomputation included) and multiplies scan bodies by their length. Outside shard_map the shapes are
   global (divided by the chips); inside, per chip. A Pallas kernel counts its body once per grid
   step, with every conditional block computed: an upper bound for kernels that skip masked blocks.
+  A while loop's body (e.g. on-policy distillation's decode loop, sampler.sample_tokens inside the
+  train step) counts once: its trip count is known only at run time (see while_loops).
   """
   import math
 
@@ -178,6 +325,23 @@ def traced_flops(jaxpr, num_devices: int) -> tuple[float, float]:
   return outside, kernels
 
 
+def while_loops(jaxpr) -> int:
+  """How many while loops a traced step holds (nested ones included): traced_flops counts each body
+  once."""
+  def walk(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "while"
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, tuple | list) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            n += walk(sub)
+    return n
+
+  return walk(jaxpr.jaxpr)
+
+
 def flops_report(exp, traced, compiled, num_devices: int, teacher_cfg=None) -> list[str]:
   """The train step's FLOPs per chip: the model FLOPs the trainer's MFU uses, the traced count, and
   XLA's cost analysis."""
@@ -200,7 +364,8 @@ def flops_report(exp, traced, compiled, num_devices: int, teacher_cfg=None) -> l
     f"  traced {(outside + kernels) / 1e12:.1f} TFLOP = {outside / 1e12:.1f} XLA matmuls (backward and "
     f"remat recompute included, loops x trip count) + {kernels / 1e12:.1f} in Pallas kernels (every "
     f"grid step in full); XLA cost analysis {cost / 1e12:.1f} TFLOP (each loop body once, Pallas "
-    f"kernels not seen)",
+    f"kernels not seen)" + (f"; {loops} while loop(s) (e.g. on-policy sampling's decode) counted once "
+                             f"per body" if (loops := while_loops(traced.jaxpr)) else ""),
   ]
 
 
@@ -268,24 +433,112 @@ def host_plan(exp, devices) -> list[str]:
   return lines
 
 
-def main(argv=None) -> int:
+SAMPLE_DEFAULTS = dict(preset=None, checkpoint=None, batch_size=8, prompt_len=None, max_new_tokens=256,
+                       max_len=8192, temperature=0.0, top_k=None, top_p=None, dtype="bfloat16",
+                       cache_dtype="bfloat16", mesh="")
+
+
+def _parse_args(argv):
+  import argparse
+
   parser = ArgumentParser(prog="python -m gemma2_jax.aot", description=__doc__,
-                          formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="experiment config file (configs/*.py)")
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", help="experiment config file (configs/*.py): its train, eval and "
+                                       "teacher_logits steps")
   parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4 or v5e:4x4")
-  args, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
+  g = parser.add_argument_group("sampler", "--sample: python -m gemma2_jax.sample's prefill and decode "
+                                           "(the same flags and defaults as that command)")
+  g.add_argument("--sample", action="store_true", help="compile the sampler instead of a config's steps")
+  g.add_argument("--preset", help="the model's shapes: gemma2_2b, gemma2_9b or gemma2_27b")
+  g.add_argument("--checkpoint", help="or a checkpoint whose config file is readable here (no weights "
+                                      "are read)")
+  g.add_argument("--batch_size", type=int, help="prompts per generate call (default 8)")
+  g.add_argument("--prompt_len", type=int, help="tokens of the longest prompt of a call (<bos> and the "
+                                                "chat template included); padded to a power of two")
+  g.add_argument("--max_new_tokens", type=int, help="default 256")
+  g.add_argument("--max_len", type=int, help="context: prompt + max_new_tokens must fit (default 8192)")
+  g.add_argument("--temperature", type=float, help="0 = greedy (default)")
+  g.add_argument("--top_k", type=int)
+  g.add_argument("--top_p", type=float)
+  g.add_argument("--dtype", help="param/compute dtype (default bfloat16: sample's `auto` on TPU)")
+  g.add_argument("--cache_dtype", help="KV cache dtype (default bfloat16)")
+  g.add_argument("--mesh", help="e.g. tensor=4,data=2 (default: tensor over the kv heads, data the rest)")
+  args, overrides = parse_with_overrides(parser, argv)
+  given = [k for k in SAMPLE_DEFAULTS if getattr(args, k) is not None]
+  for k, v in SAMPLE_DEFAULTS.items():
+    if getattr(args, k) is None:
+      setattr(args, k, v)
+  if not args.sample:
+    if not args.config:
+      parser.error("give --config (a job's train/eval/teacher steps) or --sample (the sampler)")
+    if given:
+      parser.error(f"--{given[0]} is a sampler flag: it needs --sample (and no --config)")
+    return args, overrides
+  checks = [
+    (not args.config and not overrides, "--sample compiles the sampler of a --preset or --checkpoint; "
+                                        "it takes no --config or --config.* overrides"),
+    (bool(args.preset) != bool(args.checkpoint), "--sample needs one of --preset or --checkpoint"),
+    (args.prompt_len is not None, "--sample needs --prompt_len (tokens of the longest prompt)"),
+    (args.prompt_len is None or args.prompt_len > 0, f"--prompt_len must be positive, got {args.prompt_len}"),
+    (args.batch_size > 0, f"--batch_size must be positive, got {args.batch_size}"),
+    (args.max_new_tokens > 0, f"--max_new_tokens must be positive, got {args.max_new_tokens}"),
+    (args.prompt_len is None or args.prompt_len + args.max_new_tokens <= args.max_len,
+     f"--prompt_len {args.prompt_len} + --max_new_tokens {args.max_new_tokens} exceeds the context "
+     f"--max_len {args.max_len}"),
+  ]
+  for ok, msg in checks:
+    if not ok:
+      parser.error(msg)
+  return args, overrides
+
+
+def _sampler_setup(args):
+  """(model config, SamplingConfig, mesh sizes or None) of --sample's flags; ConfigError on bad ones."""
+  import jax.numpy as jnp
+
+  from gemma2_jax.experiment import ConfigError
+  from gemma2_jax.sample import SampleError, mesh_sizes
+  from gemma2_jax.sampler import END_OF_TURN_ID, EOS_ID, SamplingConfig
+
+  for flag in ("dtype", "cache_dtype"):
+    try:
+      jnp.dtype(getattr(args, flag))
+    except TypeError:
+      raise ConfigError(f"--{flag} {getattr(args, flag)!r}: use bfloat16 or float32") from None
+  try:  # the stop tokens change no shape: <eos> and <end_of_turn>, as with --chat
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, cache_dtype=args.cache_dtype,
+                              stop_tokens=(EOS_ID, END_OF_TURN_ID))
+    mesh = mesh_sizes(args.mesh, 1, 1) if args.mesh else None
+  except (ValueError, SampleError) as e:
+    raise ConfigError(str(e)) from None
+  return sampler_model_config(args.preset, args.checkpoint, args.dtype), sampling, mesh
+
+
+def main(argv=None) -> int:
+  args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
 
   from gemma2_jax.checkpoint import CheckpointError
   from gemma2_jax.experiment import ConfigError, apply_overrides, from_config, load_config_file
 
+  if args.sample:  # bad flags and an unreadable checkpoint are reported before libtpu is needed
+    try:
+      model_cfg, sampling, mesh = _sampler_setup(args)
+    except (ConfigError, CheckpointError) as e:
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      return 1
   try:
     from jax.experimental import topologies
     topology = topologies.get_topology_desc(platform="tpu", topology_name=args.topology)
   except Exception as e:  # libtpu missing or an unknown topology name
+    hint = ("install the tpu extra (pip install -e '.[tpu]') and use names like v5p:2x2x2 or v5e:4x4"
+            if "lockfile" not in str(e) else  # another process (e.g. an aot run) holds libtpu
+            "another process is using libtpu: wait for it, or run with ALLOW_MULTIPLE_LIBTPU_LOAD=1")
     print(f"error: cannot build TPU topology {args.topology!r} ({type(e).__name__}: "
-          f"{' '.join(str(e).split())[:200]}); install the tpu extra (pip install -e '.[tpu]') and use "
-          "names like v5p:2x2x2 or v5e:4x4", file=sys.stderr)
+          f"{' '.join(str(e).split())[:200]}); {hint}", file=sys.stderr)
     return 1
+  if args.sample:
+    return _sample_main(args, topology.devices, model_cfg, sampling, mesh)
   devices = topology.devices
   processes = len({d.process_index for d in devices})
   compiled, seconds = {}, {}
@@ -323,16 +576,36 @@ def main(argv=None) -> int:
   print("\n".join(flops_report(exp, traced["train step"], compiled["train step"], len(devices), teacher_cfg)))
   too_big = None
   for name, c in compiled.items():
-    m, total = c.memory_analysis(), peak_bytes(c)
-    fits = hbm is None or total <= hbm * GiB
+    line, fits = memory_line(name, c, hbm, seconds[name])
+    print(line)
     too_big = too_big or (None if fits else name)
-    print(f"{name} per chip: arguments {m.argument_size_in_bytes / GiB:.2f} GiB, outputs "
-          f"{m.output_size_in_bytes / GiB:.2f} GiB (aliased {m.alias_size_in_bytes / GiB:.2f}), "
-          f"temporaries {m.temp_size_in_bytes / GiB:.2f} GiB -> peak {total / GiB:.2f} GiB"
-          + (f" of {hbm} GiB HBM: {'fits' if fits else 'DOES NOT FIT'}" if hbm else "")
-          + f" (traced and compiled in {seconds[name]:.0f} s)")
   if too_big:
     print(f"error: the {too_big} does not fit {kind} HBM on {args.topology}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _sample_main(args, devices, model_cfg, sampling, mesh) -> int:
+  name = f"{args.preset or args.checkpoint} on {args.topology}"
+  try:
+    programs = compile_sampler(model_cfg, devices, batch_size=args.batch_size,
+                               prompt_len=args.prompt_len, sampling=sampling, mesh=mesh)
+  except ValueError as e:  # a --mesh that does not match the slice's chips
+    if not str(e).startswith("mesh:"):
+      raise
+    print(f"error: --mesh {args.mesh!r} on {args.topology}: {e}", file=sys.stderr)
+    return 1
+  except Exception as e:  # XLA refuses at compile time a program that cannot fit the chip's HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    print(f"sampler {name}: DOES NOT FIT: {' '.join(str(e).split())[:400]}")
+    return 1
+  lines, too_big = sampler_report(programs, model_cfg, name, batch_size=args.batch_size,
+                                  sampling=sampling)
+  print("\n".join(lines))
+  if too_big:
+    print(f"error: the sampler's {too_big} does not fit {devices[0].device_kind} HBM on "
+          f"{args.topology}", file=sys.stderr)
     return 1
   return 0
 

@@ -9,9 +9,15 @@ per-chip peak memory (GiB of the chip's HBM), the per-host figures and the train
 v5p runs each config on the slice it is sized for; v5e (16 GiB chips) with the changes listed in V5E.
 A part that does not fit stops that row (aot exits at the first such part); --log_dir keeps every
 run's full report (FLOPs per chip included).
+
+  python scripts/aot_table.py --sampler > sampler_table.md
+
+prints the sampler's table instead: `python -m gemma2_jax.aot --sample` for each of SAMPLER (the 27B
+teacher writing SFT responses, the 9B), per-chip peak GiB of prefill and decode, params and KV cache.
 """
 
 import argparse
+import ast
 import re
 import subprocess
 import sys
@@ -43,6 +49,50 @@ V5E = {
 
 # Further v5p rows: the 27B-teacher distillation on 8 chips (64 micro-batches of one sequence per chip).
 V5P_EXTRA = [("distill_9b", "v5p:2x2x2", TEACHER + ["--config.train.grad_accum_steps=64"])]
+
+# The sampler (`python -m gemma2_jax.sample`, e.g. the teacher writing SFT responses with --chat):
+# (preset, topology, batch_size, prompt_len, max_new_tokens). v5p:2x2x1 is one host, as sample runs.
+SAMPLER = [
+  ("gemma2_27b", "v5p:2x2x1", 64, 2048, 1024),
+  ("gemma2_27b", "v5p:2x2x1", 128, 2048, 1024),
+  ("gemma2_27b", "v5p:2x2x2", 64, 2048, 1024),
+  ("gemma2_9b", "v5p:2x2x1", 64, 2048, 1024),
+]
+
+
+def run_sampler(preset: str, topology: str, batch: int, prompt_len: int, new_tokens: int,
+                log_dir: Path | None = None) -> tuple[list[str], str]:
+  cmd = [sys.executable, "-m", "gemma2_jax.aot", "--sample", f"--preset={preset}",
+         f"--topology={topology}", f"--batch_size={batch}", f"--prompt_len={prompt_len}",
+         f"--max_new_tokens={new_tokens}"]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+  out = r.stdout
+  if log_dir is not None:
+    (log_dir / f"sample.{preset}.{topology.replace(':', '_')}.b{batch}.txt").write_text(
+      out + r.stderr[-4000:])
+  cells = []
+  for pattern in (r"^sampler .* mesh (\{.*?\}),", r"^params per chip ([\d.]+) GiB",
+                  r"^params .* KV cache [\d.]+ GiB in all, ([\d.]+) GiB per chip"):
+    m = re.search(pattern, out, re.M)
+    cells.append(m.group(1) if m else "-")
+  if cells[0] != "-":  # {'tensor': 4} -> tensor=4
+    cells[0] = ",".join(f"{k}={v}" for k, v in ast.literal_eval(cells[0]).items())
+  for part in ("prefill", "decode"):
+    m = re.search(rf"^{part} per chip: .*peak ([\d.]+) GiB.*compiled in (\d+) s", out, re.M)
+    cells.append(f"{float(m.group(1)):.1f} ({m.group(2)} s)" if m else
+                 "does not fit" if "DOES NOT FIT" in out else "-")
+  err = "" if r.returncode == 0 else " " + ((r.stderr.strip().splitlines() or ["?"])[-1])[:120]
+  return cells, err
+
+
+def sampler_table(log_dir: Path | None):
+  print("| model | slice | mesh | rows | prompt + new tokens | params GiB/chip | KV cache GiB/chip "
+        "| prefill (compile s) | decode (compile s) |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for preset, topology, batch, prompt_len, new_tokens in SAMPLER:
+    cells, err = run_sampler(preset, topology, batch, prompt_len, new_tokens, log_dir)
+    print(f"| {preset} | {topology} | {cells[0]} | {batch} | {prompt_len} + {new_tokens} | "
+          + " | ".join(cells[1:]) + " |" + err, flush=True)
 
 
 def run(config: str, topology: str, extra: list[str], log_dir: Path | None = None) -> dict:
@@ -86,9 +136,12 @@ def main():
   parser.add_argument("--topologies", default="v5p,v5e", help="v5p (each config's own), v5e, or both")
   parser.add_argument("--configs", default=",".join(RELEASED), help="comma-separated subset")
   parser.add_argument("--log_dir", type=Path, default=None, help="keep each run's output here")
+  parser.add_argument("--sampler", action="store_true", help="the sampler's table (SAMPLER) instead")
   args = parser.parse_args()
   if args.log_dir:
     args.log_dir.mkdir(parents=True, exist_ok=True)
+  if args.sampler:
+    return sampler_table(args.log_dir)
   kinds = args.topologies.split(",")
   print("| config | slice | changes | train | eval | teacher_logits | hosts / data groups "
         "| init_from GiB/host | teacher GiB/host | export GiB (host 0) | train compile s |")

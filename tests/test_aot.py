@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the real train step (the machinery behind `python -m gemma2_jax.aot`)."""
+"""Ahead-of-time compilation of a job's programs (the machinery behind `python -m gemma2_jax.aot`):
+train, eval and teacher_logits steps, and the sampler's prefill and decode."""
 
 import dataclasses
 import importlib.util
@@ -14,14 +15,20 @@ from jax.sharding import PartitionSpec as P
 from gemma2_jax import flops
 from gemma2_jax.aot import (
   compile_eval_step,
+  compile_sampler,
   compile_step,
   flops_report,
+  main,
   peak_bytes,
+  sampler_model_config,
+  sampler_report,
   trace_step,
   traced_flops,
+  while_loops,
 )
 from gemma2_jax.experiment import TeacherConfig
 from gemma2_jax.losses import DistillConfig
+from gemma2_jax.sampler import SamplingConfig, cache_bytes
 from gemma2_jax.sharding import make_mesh
 from tests.test_trainer import ROOT, _experiment, tiny_experiment
 
@@ -115,3 +122,77 @@ def test_train_step_with_splash_under_a_mesh_and_its_flops_report():
   assert 1.0 <= outside / (dense * tokens_per_chip) <= 1.5
   lines = flops_report(exp, traced, compiled, 8)
   assert lines[0].startswith("train step FLOPs per chip: model") and "traced" in lines[1]
+
+
+def test_onpolicy_train_step_with_its_decode_loop_compiles_and_is_reported():
+  """On-policy distillation samples inside the train step (the decode while loop; lambda 1: no cond,
+  the cheaper compile): the AOT trace, compile and FLOP report take it as it is, and say the loop's
+  body counts once."""
+  exp = _experiment(tiny_experiment(), 8)
+  exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2},
+                            distill=DistillConfig(loss="reverse_kl", onpolicy_lambda=1.0,
+                                                  onpolicy_max_new_tokens=4),
+                            teacher=TeacherConfig(checkpoint="/nowhere", preset="tiny"))
+  traced = trace_step(exp, jax.devices()[:8])
+  assert while_loops(traced.jaxpr) >= 1
+  compiled = traced.lower().compile()
+  assert compiled.memory_analysis().temp_size_in_bytes > 0
+  lines = flops_report(exp, traced, compiled, 8)
+  assert "while loop(s) (e.g. on-policy sampling's decode) counted once per body" in lines[1]
+
+
+def test_sampler_prefill_and_decode_compile_from_shapes_on_a_mesh():
+  """`python -m gemma2_jax.aot --sample`: the Sampler's own jitted programs on sample's default mesh
+  (tensor over the 2 kv heads, data the rest), rows padded to the batch shards, the decode state
+  donated (its outputs alias its inputs), the KV cache counted per chip."""
+  cfg = sampler_model_config("tiny", None, "bfloat16")
+  sampling = SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.9)
+  p = compile_sampler(cfg, jax.devices()[:8], batch_size=6, prompt_len=20, sampling=sampling)
+  assert dict(p.mesh.shape) == {"dcn": 1, "data": 4, "fsdp": 1, "tensor": 2}
+  assert (p.rows, p.bucket) == (8, 32)
+  assert p.cache_bytes_total == cache_bytes(cfg, 8, 32 + 8)["ring"]
+  assert p.cache_bytes_per_chip * 8 == p.cache_bytes_total  # rows over data, kv heads over tensor
+  prefill, decode = p.prefill.memory_analysis(), p.decode.memory_analysis()
+  assert prefill.argument_size_in_bytes >= p.param_bytes_per_chip > 0
+  assert prefill.output_size_in_bytes >= p.cache_bytes_per_chip
+  assert decode.alias_size_in_bytes >= p.cache_bytes_per_chip
+  lines, too_big = sampler_report(p, cfg, "tiny on cpu", batch_size=6, sampling=sampling)
+  assert too_big is None  # no HBM figure for a CPU device: nothing judged
+  assert lines[0].startswith("sampler tiny on cpu (8 x cpu, 1 hosts), mesh {'data': 4, 'tensor': 2}, "
+                             "bfloat16 params, B=8 (6 asked")
+  assert lines[1].startswith("params per chip") and "local layers 8 ring slots, global layers 40" in lines[1]
+  assert lines[2].startswith("prefill per chip: arguments") and lines[3].startswith("decode per chip:")
+
+
+@pytest.mark.parametrize("argv, rc, message", [
+  (["--sample", "--preset=gemma2_9b"], 2, "--sample needs --prompt_len"),
+  (["--sample", "--prompt_len=16"], 2, "--sample needs one of --preset or --checkpoint"),
+  (["--sample", "--preset=gemma2_9b", "--prompt_len=8000", "--max_new_tokens=256"], 2,
+   "exceeds the context --max_len 8192"),
+  (["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--batch_size=0"], 2, "--batch_size must be"),
+  (["--sample", "--config=configs/distill_tiny.py", "--preset=gemma2_9b", "--prompt_len=16"], 2,
+   "takes no --config"),
+  (["--preset=gemma2_9b"], 2, "give --config"),
+  (["--config=configs/distill_tiny.py", "--prompt_len=16"], 2, "--prompt_len is a sampler flag"),
+  (["--sample", "--preset=gemma3", "--prompt_len=16"], 1, "unknown model preset 'gemma3'"),
+  (["--sample", "--checkpoint=/nowhere", "--prompt_len=16"], 1, "/nowhere"),
+  (["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--top_p=2"], 1, "top_p must be in (0, 1]"),
+  (["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--mesh=tensor"], 1, "--mesh 'tensor'"),
+  (["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--cache_dtype=int3"], 1, "--cache_dtype"),
+])
+def test_sample_cli_bad_input_is_one_error_line(argv, rc, message, capsys):
+  """Checked before libtpu is needed: one `error:` line naming the problem."""
+  try:
+    got = main([*argv, "--topology=v5p:2x2x1"])
+  except SystemExit as e:
+    got = e.code
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert got == rc and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed")
+def test_sample_cli_without_libtpu_says_how_to_get_it(capsys):
+  assert main(["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--topology=v5p:2x2x1"]) == 1
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and "pip install -e '.[tpu]'" in lines[0]
