@@ -25,6 +25,8 @@ resumed run draws the same samples, however many processes it runs on.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,23 +134,26 @@ def reverse_kl_on_samples(student_cfg: ModelConfig, student_params: dict, teache
   """Mean per-token KL(P_student || P_teacher) at temperature 1 over the student's own samples of
   `prompts` (token lists, <bos> included), stop tokens included: what on-policy distillation with
   reverse KL minimizes, measured on fresh samples."""
-  from gemma2_jax.losses import distill_sums
-  from gemma2_jax.model.transformer import forward_hidden
   from gemma2_jax.sampler import left_pad, row_keys
 
   prompt_BW, pad_B = left_pad(prompts)
-  prompt_BW, pad_B = jnp.asarray(prompt_BW), jnp.asarray(pad_B)
+  kl, weight = _reverse_kl_sums(student_cfg, teacher_cfg, sampling, student_params, teacher_params,
+                                prompt_BW, pad_B, row_keys(seed, np.arange(len(prompts))))
+  return float(kl) / max(float(weight), 1.0)
 
-  @jax.jit
-  def run(student_params, teacher_params, keys_B):
-    tokens_BN, lengths_B, _ = sample_tokens(student_cfg, student_params, prompt_BW, pad_B, keys_B,
-                                            sampling)
-    rows = sampled_rows(prompt_BW, pad_B, tokens_BN, lengths_B)
-    hidden = [forward_hidden(c, p, rows["tokens"], rows["positions"], rows["segment_ids"])
-              for c, p in ((student_cfg, student_params), (teacher_cfg, teacher_params))]
-    sums = distill_sums(student_cfg, student_params["embedder"]["input_embedding"], hidden[0],
-                        teacher_cfg, teacher_params["embedder"]["input_embedding"], hidden[1],
-                        rows["targets"], rows["loss_mask"], loss="reverse_kl")
-    return sums["kd"] / jnp.maximum(sums["weight"], 1.0)
 
-  return float(run(student_params, teacher_params, row_keys(seed, np.arange(len(prompts)))))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _reverse_kl_sums(student_cfg, teacher_cfg, sampling, student_params, teacher_params, prompt_BW,
+                     pad_B, keys_B):
+  from gemma2_jax.losses import distill_sums
+  from gemma2_jax.model.transformer import forward_hidden
+
+  tokens_BN, lengths_B, _ = sample_tokens(student_cfg, student_params, prompt_BW, pad_B, keys_B,
+                                          sampling)
+  rows = sampled_rows(prompt_BW, pad_B, tokens_BN, lengths_B)
+  hidden = [forward_hidden(c, p, rows["tokens"], rows["positions"], rows["segment_ids"])
+            for c, p in ((student_cfg, student_params), (teacher_cfg, teacher_params))]
+  sums = distill_sums(student_cfg, student_params["embedder"]["input_embedding"], hidden[0],
+                      teacher_cfg, teacher_params["embedder"]["input_embedding"], hidden[1],
+                      rows["targets"], rows["loss_mask"], loss="reverse_kl")
+  return sums["kd"], sums["weight"]

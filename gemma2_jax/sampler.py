@@ -244,13 +244,14 @@ def decode(cfg: ModelConfig, params: dict, state: DecodeState, sampling: Samplin
   # (transformer.DECODE_LAYOUT), one buffer per layer (the decoder's unrolled form: a step reads each
   # weight once, no slicing copies), and each layer's keys and values as their own buffers in the
   # layouts attention reads (LOOP_CACHE_AXES), updated in place; restacked into the state's at the
-  # end. The token embedding lookup keeps the params as they are (one row per token).
+  # end. The token embeddings are looked up in the gathered copy too (a lookup in the FSDP-sharded
+  # table inside the loop makes XLA rematerialize the gathered table at every step).
   gathered = constrain_tree(jax.tree.map(lambda w: w.astype(cfg.dtype), params), LOGICAL_AXES,
                             unshard=("embed",))
   embedding_VD = gathered["embedder"]["input_embedding"]
   layers = to_layout(gathered["layers"], DECODE_LAYOUT)
   layers = [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(cfg.num_layers)]
-  params = {**params, "layers": layers}
+  params = {**params, "embedder": {"input_embedding": embedding_VD}, "layers": layers}
   cache_dtype = state.caches[0][0].dtype
   loop_dtype = _loop_cache_dtype(cache_dtype)
 

@@ -31,17 +31,17 @@ def _env(devices=1):
   return env
 
 
-def train(workdir, *extra, devices=1, check=True):
-  cmd = [sys.executable, "-m", "gemma2_jax.train", f"--workdir={workdir}", *COMMON, *extra]
+def train(workdir, *extra, devices=1, check=True, common=COMMON):
+  cmd = [sys.executable, "-m", "gemma2_jax.train", f"--workdir={workdir}", *common, *extra]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(devices), timeout=600)
   if check:
     assert r.returncode == 0, r.stderr[-3000:]
   return r
 
 
-def killed(workdir, mode, step):
+def killed(workdir, mode, step, common=COMMON):
   cmd = [sys.executable, str(ROOT / "tests" / "run_with_kill.py"), mode, str(step), "--",
-         f"--workdir={workdir}", *COMMON]
+         f"--workdir={workdir}", *common]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=600)
   assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
 
@@ -150,3 +150,33 @@ def test_workdir_is_a_weights_source_for_export_and_init_from(reference, tmp_pat
   from gemma2_jax.checkpoint import load_params
   _, exported = load_params(tmp_path / "hf")
   assert_same_state(exported, ref_state["params"])
+
+
+@pytest.mark.slow  # three on-policy runs (~2 min alone); the kill / resume path itself runs above
+def test_onpolicy_distillation_sigkill_and_rerun_is_bit_identical(tmp_path):
+  """The student's samples are drawn from keys of (seed, step, row): a killed on-policy run resumes
+  to the same samples, losses and state."""
+  from gemma2_jax import save_model
+  from gemma2_jax.model import Transformer
+  from gemma2_jax.model.config import tiny
+  from gemma2_jax.model.transformer import init_params
+
+  teacher_cfg = tiny(vocab_size=1024, num_layers=2, d_model=48, num_heads=4, num_kv_heads=2,
+                     head_dim=8, ffn_dim=96, query_pre_attn_scalar=8, sliding_window=16)
+  teacher = save_model(Transformer.from_params(teacher_cfg, init_params(teacher_cfg, seed=1)),
+                       tmp_path / "teacher", format="hf")
+  common = [a for a in COMMON if not a.startswith(("--config=", "--config.train.seq_len",
+                                                   "--config.train.global_batch"))]
+  common = ["--config=configs/onpolicy_distill_tiny.py", f"--config.teacher.checkpoint={teacher}",
+            "--config.train.seq_len=128", "--config.train.global_batch=4",
+            "--config.distill.onpolicy_max_new_tokens=16", "--config.distill.onpolicy_lambda=0.5",
+            *common]
+  train(tmp_path / "ref", common=common)
+  killed(tmp_path / "run", "after_step", 4, common=common)
+  train(tmp_path / "run", common=common)
+  ref = losses(tmp_path / "ref")
+  assert losses(tmp_path / "run") == ref and len(ref) == STEPS
+  rows = [json.loads(ln) for ln in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+  fractions = {r["onpolicy_fraction"] for r in rows if "onpolicy_fraction" in r}
+  assert 0.0 in fractions and max(fractions) > 0.5  # lambda 0.5: both kinds of steps ran
+  assert_same_state(final_state(tmp_path / "run"), final_state(tmp_path / "ref"))
