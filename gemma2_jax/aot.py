@@ -275,8 +275,8 @@ def sampler_report(p: SamplerPrograms, cfg, name: str, *, batch_size: int,
     lines.append(line)
     too_big = too_big or (None if fits else part)
   if hosts > 1:
-    lines.append(f"note: python -m gemma2_jax.sample runs as one process, which reaches one host's "
-                 f"chips; this slice has {hosts} hosts")
+    lines.append(f"note: this slice has {hosts} hosts: run python -m gemma2_jax.sample on every host "
+                 "with --distributed; --batch_size is rounded up to whole rows per batch shard")
   return lines, too_big
 
 

@@ -38,9 +38,10 @@ from gemma2_jax.sampler import BOS_ID, EOS_ID, PAD_ID, SamplingConfig, sample_to
 _COIN = 2**31 + 1
 
 
-def sampling_config(distill, stop_tokens) -> SamplingConfig:
-  """The student's sampling settings of a DistillConfig; caches in the compute dtype of a step."""
-  return SamplingConfig(max_new_tokens=distill.onpolicy_max_new_tokens,
+def sampling_config(distill, stop_tokens, cache_dtype="bfloat16") -> SamplingConfig:
+  """The student's sampling settings of a DistillConfig (the trainer keeps the KV cache in the
+  student's compute dtype)."""
+  return SamplingConfig(max_new_tokens=distill.onpolicy_max_new_tokens, cache_dtype=cache_dtype,
                         temperature=distill.onpolicy_temperature,
                         top_k=distill.onpolicy_top_k or None,
                         top_p=None if distill.onpolicy_top_p >= 1 else distill.onpolicy_top_p,

@@ -122,7 +122,7 @@ def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | No
   k = exp.train.grad_accum_steps
   objective = make_objective(exp, teacher_cfg)
   lam = exp.distill.onpolicy_lambda if exp.distill is not None else 0.0
-  sampling = onpolicy.sampling_config(exp.distill, stop_tokens) if lam else None
+  sampling = onpolicy.sampling_config(exp.distill, stop_tokens, exp.model.dtype) if lam else None
 
   def train_step(state: TrainState, batch: dict, teacher_params=None):
     if lam:

@@ -90,7 +90,7 @@ def bench(name, runs):
   for lam in (0.0, 1.0):
     e = dataclasses.replace(exp, distill=dataclasses.replace(exp.distill, onpolicy_lambda=lam))
     steps[lam] = jax.jit(make_train_step(e, tx, schedule, teacher_cfg, stop))
-  sampling = onpolicy.sampling_config(exp.distill, stop)
+  sampling = onpolicy.sampling_config(exp.distill, stop, student.dtype)
   keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(0), r))(jnp.arange(B, dtype=jnp.uint32))
   sample = jax.jit(lambda p, b: onpolicy.onpolicy_batch(student, p, b, keys, sampling))
   teacher_fwd = jax.jit(lambda p, b: forward_hidden(teacher_cfg, p, b["tokens"], b["positions"],

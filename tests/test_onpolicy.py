@@ -137,7 +137,8 @@ def test_onpolicy_step_is_kd_on_the_students_samples_with_no_gradient_through_sa
   assert float(m["gen_rows"]) == 8.0 and 8 <= float(m["gen_tokens"]) <= 8 * 12
   # The same loss and gradient from the objective on the sampled batch built outside the step: the
   # samples enter the loss as constants.
-  sampling = onpolicy.sampling_config(exp1.distill, onpolicy.stop_tokens_for(exp.tokenizer))
+  sampling = onpolicy.sampling_config(exp1.distill, onpolicy.stop_tokens_for(exp.tokenizer),
+                                      exp1.model.dtype)
   _, row_key = onpolicy.step_keys(exp1.train.seed, 0)
   keys = jax.vmap(lambda r: jax.random.fold_in(row_key, r))(jnp.arange(8, dtype=jnp.uint32))
   sampled, sums = onpolicy.onpolicy_batch(exp1.model, state.params,
