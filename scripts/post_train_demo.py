@@ -249,24 +249,15 @@ def sft_config(init_from: Path):
 
 
 def student_config(teacher: Path, init_from: Path, onpolicy_lambda: float):
-  """The distill_tiny student distilled from the SFT teacher on the instructions: reverse KL on the
-  responses, the dataset's (lambda 0) or its own samples (lambda 1), one conversation per row."""
-  from gemma2_jax.experiment import distill_config
-  from gemma2_jax.model.config import ModelConfig
-
-  student = ModelConfig(**_load_config("distill_tiny").model.to_dict())
-  c = distill_config(student, str(teacher), steps=DISTILL_STEPS, global_batch=8, seq_len=SEQ_LEN,
-                     log_every=25, eval_every=50, eval_batches=4, loss_chunk=64)
+  """configs/onpolicy_distill_tiny.py (the distill_tiny student, reverse KL on the responses, one
+  conversation per row) distilled from the SFT teacher on the dataset's responses (lambda 0) or its
+  own samples (lambda 1), with the held-out eval."""
+  c = _load_config("onpolicy_distill_tiny")
+  c.teacher.checkpoint = str(teacher)
   c.init_from = str(init_from)
-  c.teacher.dtype = "float32"
-  c.distill.loss = "reverse_kl"
+  c.train.update(steps=DISTILL_STEPS, log_every=25, eval_every=50, eval_batches=4)
   c.distill.onpolicy_lambda = onpolicy_lambda
   c.distill.onpolicy_max_new_tokens = MAX_NEW_TOKENS
-  c.distill.onpolicy_temperature = 1.0
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.end_learning_rate = 3e-4
-  c.optimizer.warmup_steps = 10
-  c.optimizer.weight_decay = 0.01
   _chat_data(c, pack=False)
   return c
 
