@@ -309,12 +309,13 @@ class Trainer:
     if exp.distill_mode == "online":
       self.teacher_cfg, self.teacher_params = load_teacher(exp, self.mesh)
       teacher_sharding = jax.tree.map(lambda x: x.sharding, self.teacher_params)
-    stop = ()
+    step_kw = {}
     if exp.distill is not None and exp.distill.onpolicy_lambda:
-      stop = onpolicy.stop_tokens_for(exp.tokenizer)  # the student's samples end at these
+      # The student's samples end at the tokenizer's stop tokens.
+      step_kw["stop_tokens"] = onpolicy.stop_tokens_for(exp.tokenizer)
     with self._sharding_ctx():
       self.train_step = jax.jit(make_train_step(exp, self.tx, self.schedule, self.teacher_cfg,
-                                                *[stop] if stop else []),
+                                                **step_kw),
                                 in_shardings=(self.sh.state, self.sh.batch, teacher_sharding),
                                 out_shardings=(self.sh.state, self.sh.replicated),
                                 donate_argnums=0)
