@@ -16,8 +16,8 @@ rows. Expect the Korean eval bits per byte to drop steadily in the first few tho
 the English eval loss stays within a few hundredths of a nat of its start.
 """
 
-from gemma2_jax.experiment import base_config
 from gemma2_jax.model.config import gemma2_9b
+from gemma2_jax.training.experiment import base_config
 
 
 def get_config():

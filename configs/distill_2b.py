@@ -15,8 +15,8 @@ Expect the student's eval loss to stay below a CE-only 2B at equal
 tokens throughout (the gap the Gemma 2 report attributes to distillation).
 """
 
-from gemma2_jax.experiment import distill_config, set_corpus
 from gemma2_jax.model.config import gemma2_2b
+from gemma2_jax.training.experiment import distill_config, set_corpus
 
 
 def get_config():

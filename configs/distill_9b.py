@@ -24,8 +24,8 @@ For offline distillation, write the teacher's top-k once with `python -m gemma2_
 and set --config.distill.offline_paths=DIR --config.teacher.checkpoint=''.
 """
 
-from gemma2_jax.experiment import distill_config, set_corpus
 from gemma2_jax.model.config import gemma2_9b
+from gemma2_jax.training.experiment import distill_config, set_corpus
 
 
 def get_config():

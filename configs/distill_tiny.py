@@ -12,8 +12,8 @@ prints the comparison: the distilled student reaches a lower eval loss at the sa
 import importlib.util
 from pathlib import Path
 
-from gemma2_jax.experiment import distill_config
 from gemma2_jax.model.config import tiny
+from gemma2_jax.training.experiment import distill_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,8 +25,8 @@ per micro-batch. Checked ahead of time on this CPU:
 4.8); the sampling phase's gathered bf16 student copy is freed before the backward's peak.
 """
 
-from gemma2_jax.experiment import distill_config, set_corpus
 from gemma2_jax.model.config import gemma2_9b
+from gemma2_jax.training.experiment import distill_config, set_corpus
 
 
 def get_config():

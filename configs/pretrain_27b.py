@@ -11,8 +11,8 @@ chip of 95. With the XLA blockwise attention it needed full remat (44.9 GiB); wi
 takes 12.3 GiB but recomputes the forward: 27% more FLOPs per step (16.0 vs 12.6 PFLOP per chip).
 """
 
-from gemma2_jax.experiment import base_config, set_corpus
 from gemma2_jax.model.config import gemma2_27b
+from gemma2_jax.training.experiment import base_config, set_corpus
 
 
 def get_config():

@@ -12,8 +12,8 @@ XLA blockwise attention). Expect the train loss to fall below ~3 within the firs
 web text.
 """
 
-from gemma2_jax.experiment import base_config, set_corpus
 from gemma2_jax.model.config import gemma2_2b
+from gemma2_jax.training.experiment import base_config, set_corpus
 
 
 def get_config():

@@ -11,8 +11,8 @@ per chip of 95 (55.9 with the XLA blockwise attention). Expect the loss curve of
 down by ~0.3 nats.
 """
 
-from gemma2_jax.experiment import base_config, set_corpus
 from gemma2_jax.model.config import gemma2_9b
+from gemma2_jax.training.experiment import base_config, set_corpus
 
 
 def get_config():

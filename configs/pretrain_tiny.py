@@ -11,8 +11,8 @@ can also be SFT-trained and distilled on chat data (scripts/post_train_demo.py).
 
 from pathlib import Path
 
-from gemma2_jax.experiment import base_config, set_corpus
 from gemma2_jax.model.config import tiny
+from gemma2_jax.training.experiment import base_config, set_corpus
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 

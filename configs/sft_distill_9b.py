@@ -22,8 +22,8 @@ one 8k row per chip per micro-batch, 4 micro-batches. Checked ahead of time on t
 Then continue on-policy with configs/onpolicy_distill_9b.py.
 """
 
-from gemma2_jax.experiment import distill_config
 from gemma2_jax.model.config import gemma2_9b
+from gemma2_jax.training.experiment import distill_config
 
 
 def get_config():

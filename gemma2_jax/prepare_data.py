@@ -1,9 +1,8 @@
-"""`python -m gemma2_jax.prepare_data`: tokenize a corpus into ArrayRecord shards, or train a
-SentencePiece model. See gemma2_jax/data/prepare.py."""
+"""`python -m gemma2_jax.prepare_data`: the command is gemma2_jax/cli/prepare_data.py."""
 
 import sys
 
-from gemma2_jax.data.prepare import main
+from gemma2_jax.cli.prepare_data import main
 
 if __name__ == "__main__":
   sys.exit(main())

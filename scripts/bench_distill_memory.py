@@ -31,10 +31,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from gemma2_jax import losses  # noqa: E402
+from gemma2_jax.model import losses
 from gemma2_jax.model.config import gemma2_9b, gemma2_27b  # noqa: E402
 from gemma2_jax.model.transformer import logits_from_hidden  # noqa: E402
-from gemma2_jax.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, make_mesh  # noqa: E402
+from gemma2_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, make_mesh
 
 GiB = 2**30
 

@@ -35,10 +35,10 @@ def worker(method: str, layers: int, d_model: int, out: str):
   from jax.experimental import multihost_utils
 
   from gemma2_jax.checkpoint import save_params
+  from gemma2_jax.checkpoint.export import export_hf
   from gemma2_jax.model.config import ModelConfig
   from gemma2_jax.model.transformer import LOGICAL_AXES, init_params
-  from gemma2_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
-  from gemma2_jax.trainer import export_hf
+  from gemma2_jax.parallel.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
 
   cfg = ModelConfig(vocab_size=32768, num_layers=layers, d_model=d_model, num_heads=8, num_kv_heads=4,
                     head_dim=d_model // 8, ffn_dim=4 * d_model, query_pre_attn_scalar=d_model // 8)

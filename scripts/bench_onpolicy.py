@@ -27,14 +27,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gemma2_jax import onpolicy  # noqa: E402
-from gemma2_jax.experiment import TeacherConfig, from_config, load_config_file  # noqa: E402
+from gemma2_jax.distill import onpolicy
+from gemma2_jax.distill.config import TeacherConfig
+from gemma2_jax.inference.sampler import END_OF_TURN_ID, EOS_ID
 from gemma2_jax.model.config import tiny  # noqa: E402
 from gemma2_jax.model.transformer import forward_hidden, init_params  # noqa: E402
-from gemma2_jax.optim import make_optimizer  # noqa: E402
-from gemma2_jax.sampler import END_OF_TURN_ID, EOS_ID  # noqa: E402
-from gemma2_jax.sharding import make_mesh  # noqa: E402
-from gemma2_jax.trainer import init_state, make_train_step, state_shardings  # noqa: E402
+from gemma2_jax.parallel.sharding import make_mesh
+from gemma2_jax.training.experiment import from_config, load_config_file
+from gemma2_jax.training.optim import make_optimizer
+from gemma2_jax.training.state import init_state, state_shardings
+from gemma2_jax.training.steps import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

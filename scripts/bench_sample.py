@@ -35,8 +35,8 @@ def main():
   from transformers import Gemma2ForCausalLM
 
   from gemma2_jax.checkpoint import load_model
+  from gemma2_jax.inference.sampler import Sampler, SamplingConfig, cache_bytes
   from gemma2_jax.model.config import gemma2_9b, tiny
-  from gemma2_jax.sampler import Sampler, SamplingConfig, cache_bytes
   from tests.hf_utils import hf_config
 
   heads = a.d_model // 64

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma2_jax.experiment import Experiment, TrainConfig
-from gemma2_jax.flops import train_flops_per_token
 from gemma2_jax.model.config import ModelConfig
-from gemma2_jax.optim import OptimizerConfig
-from gemma2_jax.sharding import DEFAULT_RULES, make_mesh
-from gemma2_jax.trainer import init_state, make_train_step, state_shardings, to_global
+from gemma2_jax.parallel.sharding import DEFAULT_RULES, make_mesh
+from gemma2_jax.training.experiment import Experiment, TrainConfig
+from gemma2_jax.training.flops import train_flops_per_token
+from gemma2_jax.training.optim import OptimizerConfig
+from gemma2_jax.training.state import init_state, state_shardings, to_global
+from gemma2_jax.training.steps import make_train_step
 
 
 def matmul_peak(dtype, n: int, iters: int = 10) -> float:
@@ -52,7 +53,7 @@ def bench_ours(cfg: ModelConfig, B, T, steps, chunk):
                    rules=DEFAULT_RULES, optimizer=OptimizerConfig(warmup_steps=1), train=train,
                    data_train=None, data_eval=None, tokenizer="", init_from="")
   mesh = make_mesh(exp.mesh)
-  from gemma2_jax.optim import make_optimizer
+  from gemma2_jax.training.optim import make_optimizer
   tx, schedule = make_optimizer(exp.optimizer, train.steps)
   sh = state_shardings(exp, mesh, tx)
   step = jax.jit(make_train_step(exp, tx, schedule), in_shardings=(sh.state, sh.batch),

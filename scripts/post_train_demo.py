@@ -233,8 +233,8 @@ def _chat_data(c, *, pack: bool):
 
 def sft_config(init_from: Path):
   """The pretrain_tiny teacher fine-tuned on the instructions (CE on the responses)."""
-  from gemma2_jax.experiment import base_config
   from gemma2_jax.model.config import ModelConfig
+  from gemma2_jax.training.experiment import base_config
 
   model = ModelConfig(**_load_config("pretrain_tiny").model.to_dict())
   c = base_config(model, steps=SFT_STEPS, global_batch=8, seq_len=SEQ_LEN, log_every=25,
@@ -276,8 +276,8 @@ def train(name: str, config, workdir: Path) -> Path:
   its HF export."""
   import jax
 
-  from gemma2_jax.experiment import from_config
-  from gemma2_jax.trainer import Trainer
+  from gemma2_jax.training.experiment import from_config
+  from gemma2_jax.training.loop import Trainer
 
   print(f"\n{name}: workdir={workdir}", flush=True)
   exp = from_config(config, num_devices=jax.device_count())
@@ -305,10 +305,10 @@ def reverse_kls(models: dict[str, Path], teacher: Path, prompts: list[str]) -> d
   training) of the prompts, averaged over KL_SEEDS seeds."""
   import numpy as np
 
-  from gemma2_jax import onpolicy
   from gemma2_jax.checkpoint import load_params
   from gemma2_jax.data.tokenizer import Tokenizer
-  from gemma2_jax.sampler import SamplingConfig, encode_prompt
+  from gemma2_jax.distill import onpolicy
+  from gemma2_jax.inference.sampler import SamplingConfig, encode_prompt
 
   tok = Tokenizer(TOKENIZER)
   ids = [encode_prompt(tok, p, chat=True) for p in prompts]
@@ -344,7 +344,7 @@ def answers(models: dict[str, Path], examples: list[dict]):
 def main():
   from gemma2_jax.checkpoint import CheckpointError
   from gemma2_jax.data import DataError
-  from gemma2_jax.experiment import ConfigError
+  from gemma2_jax.training.experiment import ConfigError
 
   try:
     run()

@@ -128,10 +128,10 @@ class _Groups:
 def _reference_main(argv):
   import jax
 
+  from gemma2_jax.cli.train import parse_args
   from gemma2_jax.data.pipeline import make_train_iterator
-  from gemma2_jax.experiment import apply_overrides, from_config, load_config_file
-  from gemma2_jax.train import parse_args
-  from gemma2_jax.trainer import Trainer
+  from gemma2_jax.training.experiment import apply_overrides, from_config, load_config_file
+  from gemma2_jax.training.loop import Trainer
 
   groups = int(argv[0])
   args, overrides = parse_args(argv[1:])

@@ -11,8 +11,9 @@ import os
 import signal
 import sys
 
-from gemma2_jax import train, trainer
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
+from gemma2_jax.cli import train
+from gemma2_jax.training import loop as trainer
 
 
 def main():

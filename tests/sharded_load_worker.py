@@ -44,7 +44,7 @@ def reset_peak_rss():
 
 def _shardings(mesh: dict):
   from gemma2_jax.model.transformer import LOGICAL_AXES
-  from gemma2_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
+  from gemma2_jax.parallel.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
   return logical_to_sharding(LOGICAL_AXES, make_mesh(mesh), DEFAULT_RULES)
 
 

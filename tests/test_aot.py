@@ -12,8 +12,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from gemma2_jax import flops
-from gemma2_jax.aot import (
+from gemma2_jax.cli.aot import (
   compile_eval_step,
   compile_sampler,
   compile_step,
@@ -26,10 +25,10 @@ from gemma2_jax.aot import (
   traced_flops,
   while_loops,
 )
-from gemma2_jax.experiment import TeacherConfig
-from gemma2_jax.losses import DistillConfig
-from gemma2_jax.sampler import SamplingConfig, cache_bytes
-from gemma2_jax.sharding import make_mesh
+from gemma2_jax.distill.config import DistillConfig, TeacherConfig
+from gemma2_jax.inference.sampler import SamplingConfig, cache_bytes
+from gemma2_jax.parallel.sharding import make_mesh
+from gemma2_jax.training import flops
 from tests.test_trainer import ROOT, _experiment, tiny_experiment
 
 
@@ -69,7 +68,7 @@ def test_cli_without_libtpu_says_how_to_get_it():
 
 
 def test_teacher_logits_step_and_host_plan():
-  from gemma2_jax.aot import compile_teacher_logits_step, host_plan
+  from gemma2_jax.cli.aot import compile_teacher_logits_step, host_plan
 
   exp = _experiment(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 4, "tensor": 1},

@@ -128,7 +128,7 @@ def test_prompt_ids_are_the_trainer_ids_up_to_the_reply(tok, paras):
   """chat.prompt_ids (what `sample --chat` feeds the teacher) == chat.encode's ids of the same
   conversation up to the last model turn's text: a reply is written after the very ids the student is
   trained on before it, multi-turn and system prompts included."""
-  from gemma2_jax.sampler import encode_prompt
+  from gemma2_jax.inference.sampler import encode_prompt
 
   messages = [{"role": "system", "content": "법률가처럼 답하라."}, *_messages(paras, 5, 3)]
   [(ids, weights, cuts)] = chat.encode([conversation({"messages": messages})], tok, bos=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma2_jax.experiment import ConfigError, from_config
+from gemma2_jax.training.experiment import ConfigError, from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))

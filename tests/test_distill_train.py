@@ -8,19 +8,14 @@ import pytest
 
 from gemma2_jax import save_model
 from gemma2_jax.checkpoint import CheckpointError
-from gemma2_jax.experiment import TeacherConfig
-from gemma2_jax.losses import DistillConfig
+from gemma2_jax.distill.config import DistillConfig, TeacherConfig
+from gemma2_jax.distill.teacher import load_teacher
 from gemma2_jax.model import Transformer
-from gemma2_jax.optim import make_optimizer
-from gemma2_jax.sharding import make_mesh
-from gemma2_jax.trainer import (
-  Trainer,
-  init_state,
-  load_teacher,
-  make_train_step,
-  state_shardings,
-  to_global,
-)
+from gemma2_jax.parallel.sharding import make_mesh
+from gemma2_jax.training.loop import Trainer
+from gemma2_jax.training.optim import make_optimizer
+from gemma2_jax.training.state import init_state, state_shardings, to_global
+from gemma2_jax.training.steps import make_train_step
 from tests.test_trainer import ROOT, _experiment, synthetic_batches, tiny_experiment
 
 
@@ -51,7 +46,7 @@ def _step(exp, n_devices, init_from=""):
   mesh = make_mesh(exp.mesh, jax.devices()[:n_devices])
   tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
   sh = state_shardings(exp, mesh, tx)
-  teacher_cfg, teacher_params = load_teacher(exp, mesh)
+  teacher_cfg, teacher_params = load_teacher(exp.teacher, exp.model, exp.rules, mesh)
   state = init_state(exp, tx, sh)
   step = jax.jit(make_train_step(exp, tx, schedule, teacher_cfg))
   return state, step, teacher_params, sh
@@ -95,7 +90,7 @@ def test_teacher_vocab_must_match(checkpoints, tmp_path):
                     format="native")
   exp = _distill_exp(exp, path, {})
   with pytest.raises(CheckpointError, match="teacher vocab_size 264 != student vocab_size 256"):
-    load_teacher(exp, make_mesh(exp.mesh, jax.devices()[:1]))
+    load_teacher(exp.teacher, exp.model, exp.rules, make_mesh(exp.mesh, jax.devices()[:1]))
 
 
 def test_distill_cli_run_end_to_end(checkpoints, tmp_path):
@@ -107,7 +102,7 @@ def test_distill_cli_run_end_to_end(checkpoints, tmp_path):
   from gemma2_jax.model.transformer import init_params
   teacher = save_model(Transformer.from_params(teacher_cfg, init_params(teacher_cfg)),
                        tmp_path / "teacher", format="hf")
-  from gemma2_jax.experiment import from_config
+  from gemma2_jax.training.experiment import from_config
   c.model.vocab_size = 1024
   c.unlock()
   c.teacher = {"checkpoint": str(teacher), "dtype": "float32"}
@@ -131,7 +126,8 @@ def test_hf_teacher_with_real_rows_only_is_padded_to_the_student_vocab(checkpoin
   assert json.loads((hf / "config.json").read_text())["vocab_size"] == student.num_real_tokens
   exp = _distill_exp(dataclasses.replace(exp, model=student), hf, {"fsdp": 2}, loss="forward_kl",
                      alpha=1.0)
-  teacher_cfg, teacher_params = load_teacher(exp, make_mesh(exp.mesh, jax.devices()[:2]))
+  teacher_cfg, teacher_params = load_teacher(exp.teacher, exp.model, exp.rules,
+                                             make_mesh(exp.mesh, jax.devices()[:2]))
   emb = np.asarray(teacher_params["embedder"]["input_embedding"])
   assert teacher_cfg.vocab_size == student.vocab_size and emb.shape[0] == student.vocab_size
   np.testing.assert_array_equal(emb[:student.num_real_tokens],

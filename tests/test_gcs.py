@@ -23,7 +23,7 @@ from gemma2_jax.data import (
   make_train_iterator,
 )
 from gemma2_jax.data.offline import TopKWriter, make_offline_iterator
-from gemma2_jax.metrics import MetricsWriter, write_json
+from gemma2_jax.training.metrics import MetricsWriter, write_json
 from tests.gcs import gcs_emulator  # noqa: F401  (the `gcs` fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

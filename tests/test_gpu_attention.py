@@ -89,7 +89,7 @@ def test_attention_dispatches_gpu_flash():
 def test_gpu_flash_under_a_mesh_equals_reference():
   """Under `activation_sharding` the kernel runs per (batch, head) shard in shard_map: same values and
   gradients as the reference on one device; heads that do not split evenly are one clear error."""
-  from gemma2_jax.sharding import DEFAULT_RULES, activation_sharding, make_mesh
+  from gemma2_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, make_mesh
 
   T, H = 20, 16
   q, k, v, seg = _inputs(T, H, seed=5)

@@ -8,9 +8,9 @@ import pytest
 
 from gemma2_jax.checkpoint import CheckpointError
 from gemma2_jax.model import Transformer, tiny
-from gemma2_jax.optim import make_optimizer
-from gemma2_jax.sharding import make_mesh
-from gemma2_jax.trainer import init_state, state_shardings
+from gemma2_jax.parallel.sharding import make_mesh
+from gemma2_jax.training.optim import make_optimizer
+from gemma2_jax.training.state import init_state, state_shardings
 from tests.hf_utils import hf_logits, random_hf_model
 from tests.test_trainer import _experiment, tiny_experiment
 

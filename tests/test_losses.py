@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma2_jax import losses as L
+from gemma2_jax.distill.config import DistillConfig, distill_schedule
+from gemma2_jax.model import losses as L
 from gemma2_jax.model.config import tiny
 
 V, N_REAL, D_S, D_T, B, T = 16, 13, 8, 12, 2, 7
@@ -363,17 +364,17 @@ def test_vocab_mismatch_and_bad_args_raise():
 
 
 def test_distill_config_and_schedule():
-  cfg = L.DistillConfig(loss="jsd", beta=0.9, alpha=1.0, alpha_end=0.5, alpha_steps=100,
+  cfg = DistillConfig(loss="jsd", beta=0.9, alpha=1.0, alpha_end=0.5, alpha_steps=100,
                         temperature=4.0, temperature_end=1.0, temperature_steps=200)
-  sched = jax.jit(lambda s: L.distill_schedule(cfg, s))
+  sched = jax.jit(lambda s: distill_schedule(cfg, s))
   for step, alpha, temp in ((0, 1.0, 4.0), (50, 0.75, 3.25), (100, 0.5, 2.5), (300, 0.5, 1.0)):
     a, t = sched(jnp.int32(step))
     np.testing.assert_allclose([a, t], [alpha, temp], rtol=1e-6)
-  assert L.distill_schedule(L.DistillConfig(alpha=0.3, temperature=2.0), 7) == (0.3, 2.0)
+  assert distill_schedule(DistillConfig(alpha=0.3, temperature=2.0), 7) == (0.3, 2.0)
   for bad in (dict(loss="kl"), dict(beta=1.5), dict(alpha=-0.1), dict(temperature=0.0),
               dict(alpha_end=0.5), dict(temperature_steps=10), dict(alpha_end=2.0, alpha_steps=3)):
     with pytest.raises(ValueError):
-      L.DistillConfig(**bad)
+      DistillConfig(**bad)
 
 
 def _temp_bytes(loss_fn, T_len, V_big=32000, D=64, chunk=256):

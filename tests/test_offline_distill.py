@@ -14,13 +14,13 @@ from flax import nnx
 
 from gemma2_jax import save_model
 from gemma2_jax.checkpoint import load_params
+from gemma2_jax.cli.teacher_logits import main as teacher_logits_main
 from gemma2_jax.data import DataError, make_eval_iterator
 from gemma2_jax.data.offline import TopKWriter, _Codec, make_offline_iterator
-from gemma2_jax.experiment import from_config, load_config_file
-from gemma2_jax.losses import topk_distill_sums
 from gemma2_jax.model.config import tiny
+from gemma2_jax.model.losses import topk_distill_sums
 from gemma2_jax.model.transformer import Transformer, forward_hidden, logits_from_hidden
-from gemma2_jax.teacher_logits import main as teacher_logits_main
+from gemma2_jax.training.experiment import from_config, load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -229,8 +229,8 @@ def test_trainer_learns_from_offline_records(setup, tmp_path):
   """The trainer reads the records (shuffled) and minimizes the top-k + tail divergence."""
   import dataclasses
 
-  from gemma2_jax.losses import DistillConfig
-  from gemma2_jax.trainer import Trainer
+  from gemma2_jax.distill.config import DistillConfig
+  from gemma2_jax.training.loop import Trainer
 
   exp = setup["exp"]
   exp = dataclasses.replace(

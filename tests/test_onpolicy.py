@@ -11,24 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma2_jax import onpolicy, save_model
+from gemma2_jax import save_model
 from gemma2_jax.data import DataConfig, SourceConfig, make_train_iterator, train_tokenizer
-from gemma2_jax.experiment import ConfigError, TeacherConfig, from_config
-from gemma2_jax.losses import DistillConfig
+from gemma2_jax.distill import onpolicy
+from gemma2_jax.distill.config import DistillConfig, TeacherConfig
+from gemma2_jax.distill.teacher import load_teacher
+from gemma2_jax.inference.sampler import END_OF_TURN_ID, EOS_ID, PAD_ID, SamplingConfig
 from gemma2_jax.model import Transformer
 from gemma2_jax.model.transformer import init_params
-from gemma2_jax.optim import make_optimizer
-from gemma2_jax.sampler import END_OF_TURN_ID, EOS_ID, PAD_ID, SamplingConfig
-from gemma2_jax.sharding import make_mesh
-from gemma2_jax.trainer import (
-  BATCH_KEYS,
-  init_state,
-  load_teacher,
-  make_objective,
-  make_train_step,
-  state_shardings,
-  to_global,
-)
+from gemma2_jax.parallel.sharding import make_mesh
+from gemma2_jax.training.experiment import ConfigError, from_config
+from gemma2_jax.training.optim import make_optimizer
+from gemma2_jax.training.state import init_state, state_shardings, to_global
+from gemma2_jax.training.steps import BATCH_KEYS, make_objective, make_train_step
 from tests.test_trainer import _experiment, tiny_experiment
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -112,7 +107,7 @@ def _run(exp, batch, n_devices=1, lam=1.0, **distill):
   mesh = make_mesh(exp.mesh, jax.devices()[:n_devices])
   tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
   sh = state_shardings(exp, mesh, tx)
-  teacher_cfg, teacher_params = load_teacher(exp, mesh)
+  teacher_cfg, teacher_params = load_teacher(exp.teacher, exp.model, exp.rules, mesh)
   state = init_state(exp, tx, sh)
   stop = onpolicy.stop_tokens_for(exp.tokenizer)
   step = jax.jit(make_train_step(exp, tx, schedule, teacher_cfg, stop))
@@ -291,7 +286,7 @@ def test_decode_loop_gathers_no_weights_under_fsdp():
   call, outside the loop (XLA:CPU hoists them either way, so only a TPU compile shows it)."""
   from jax.experimental import topologies
 
-  from gemma2_jax import aot
+  from gemma2_jax.cli import aot
   from gemma2_jax.model.config import gemma2_2b
 
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices

@@ -13,16 +13,9 @@ import torch
 
 from gemma2_jax import checkpoint
 from gemma2_jax.data.chat import render_prompt
+from gemma2_jax.inference.sampler import PAD_ID, Sampler, SamplingConfig, cache_bytes, generate, results
 from gemma2_jax.model.config import tiny
-from gemma2_jax.sampler import (
-  PAD_ID,
-  Sampler,
-  SamplingConfig,
-  cache_bytes,
-  generate,
-  results,
-)
-from gemma2_jax.sharding import make_mesh
+from gemma2_jax.parallel.sharding import make_mesh
 from tests.hf_utils import random_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +178,7 @@ def test_prompts_in_one_bucket_compile_once(sampler):
 def test_sharded_equals_unsharded(hf_dir, sampler):
   cfg, _ = checkpoint.load_params(hf_dir[0])
   from gemma2_jax.model.transformer import LOGICAL_AXES
-  from gemma2_jax.sharding import DEFAULT_RULES, logical_to_sharding
+  from gemma2_jax.parallel.sharding import DEFAULT_RULES, logical_to_sharding
 
   mesh = make_mesh({"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2})
   cfg, params = checkpoint.load_sharded(hf_dir[0], "float32",

@@ -15,7 +15,7 @@ from gemma2_jax.checkpoint import kaggle, load_params, load_sharded, orbax_io, s
 from gemma2_jax.checkpoint.manager import CheckpointConfig, TrainCheckpointer
 from gemma2_jax.model.config import tiny
 from gemma2_jax.model.transformer import LOGICAL_AXES, param_shapes
-from gemma2_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
+from gemma2_jax.parallel.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh
 from tests import multiprocess
 from tests.gcs import gcs_emulator  # noqa: F401  (the `gcs` fixture)
 

@@ -16,7 +16,7 @@ from gemma2_jax.model.attention import attention, attention_xla
 from gemma2_jax.model.config import resolve_attention_impl
 from gemma2_jax.model.splash import attention_splash, make_kernel, tile_sizes
 from gemma2_jax.model.transformer import LOGICAL_AXES, forward_hidden
-from gemma2_jax.sharding import (
+from gemma2_jax.parallel.sharding import (
   DEFAULT_RULES,
   activation_sharding,
   current_platform,

@@ -7,18 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from gemma2_jax.experiment import from_config
-from gemma2_jax.optim import make_optimizer
-from gemma2_jax.sharding import activation_sharding, make_mesh
-from gemma2_jax.trainer import (
-  BATCH_KEYS,
-  Trainer,
-  TrainingDiverged,
-  init_state,
-  make_train_step,
-  state_shardings,
-  to_global,
-)
+from gemma2_jax.parallel.sharding import activation_sharding, make_mesh
+from gemma2_jax.training.experiment import from_config
+from gemma2_jax.training.loop import Trainer, TrainingDiverged
+from gemma2_jax.training.optim import make_optimizer
+from gemma2_jax.training.state import init_state, state_shardings, to_global
+from gemma2_jax.training.steps import BATCH_KEYS, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,7 +185,7 @@ def test_export_hf_from_sharded_params_tensor_by_tensor(tmp_path, monkeypatch):
   from jax.experimental import multihost_utils
 
   from gemma2_jax.checkpoint import load_params
-  from gemma2_jax.trainer import export_hf
+  from gemma2_jax.checkpoint.export import export_hf
 
   exp = _experiment(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 4, "tensor": 2})

@@ -74,7 +74,7 @@ class TrainCheckpointer:
     self.directory = checkpoint_dir(workdir)
     self.cfg = cfg
     _remove_unfinished_saves(self.directory)  # process 0; the others wait, then list the steps
-    from gemma2_jax import distributed
+    from gemma2_jax.parallel import distributed
 
     distributed.barrier("unfinished_saves_removed", timeout_s=3600)
     # Orbax's own cleanup of unfinished saves runs on a background thread that can outlive an early

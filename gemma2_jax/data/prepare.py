@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from gemma2_jax.cli import ArgumentParser
+from gemma2_jax.cli.common import ArgumentParser
 from gemma2_jax.data.chat import Conversation
 from gemma2_jax.data.config import SourceConfig
 from gemma2_jax.data.sources import STATS, DataError, open_source

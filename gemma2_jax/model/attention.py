@@ -15,7 +15,7 @@ import numpy as np
 
 from gemma2_jax.model.config import resolve_attention_impl
 from gemma2_jax.model.layers import soft_cap
-from gemma2_jax.sharding import current_platform
+from gemma2_jax.parallel.sharding import current_platform
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked blocks never produce NaN.
 

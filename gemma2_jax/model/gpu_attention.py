@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec
 
-from gemma2_jax.sharding import active_mesh_and_rules, current_platform, logical_to_spec
+from gemma2_jax.parallel.sharding import active_mesh_and_rules, current_platform, logical_to_spec
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp2(_MASKED - m) is exactly 0, no NaN
 _LOG2E = math.log2(math.e)  # softmax runs in base 2 (exp2 is the GPU's native exponential)

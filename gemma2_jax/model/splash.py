@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gemma2_jax.sharding import active_mesh_and_rules, current_platform, logical_to_spec
+from gemma2_jax.parallel.sharding import active_mesh_and_rules, current_platform, logical_to_spec
 
 LANES = 128  # splash tiles (q and kv blocks) are multiples of the TPU's 128 lanes
 _PAD_SEGMENT = -1  # padded positions form their own segment: real tokens never see them

@@ -33,7 +33,7 @@ from gemma2_jax.model.layers import (
   rms_norm,
   soft_cap,
 )
-from gemma2_jax.sharding import constrain
+from gemma2_jax.parallel.sharding import constrain
 
 PADDED_LOGIT = -1e9  # logit of embedding rows past num_real_tokens: zero probability, finite.
 

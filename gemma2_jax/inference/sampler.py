@@ -40,7 +40,7 @@ from gemma2_jax.model.transformer import (
   row_attention,
   to_layout,
 )
-from gemma2_jax.sharding import constrain, constrain_tree, current_platform
+from gemma2_jax.parallel.sharding import constrain, constrain_tree, current_platform
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 END_OF_TURN_ID = 107  # Gemma's `<end_of_turn>`; a custom tokenizer's id comes from the tokenizer.
@@ -336,7 +336,7 @@ class Sampler:
   """
 
   def __init__(self, cfg: ModelConfig, params: dict, *, mesh=None, rules=None):
-    from gemma2_jax.sharding import DEFAULT_RULES, activation_sharding, batch_shards, logical_to_spec
+    from gemma2_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, batch_shards, logical_to_spec
 
     self.cfg, self.params, self.mesh = cfg, params, mesh
     self.rules = rules or DEFAULT_RULES
@@ -354,7 +354,7 @@ class Sampler:
   def _rows(self, x: np.ndarray):
     if self.row_sharding is None:
       return jnp.asarray(x)
-    from gemma2_jax.sharding import host_to_global
+    from gemma2_jax.parallel.sharding import host_to_global
 
     spec = jax.sharding.PartitionSpec(*self.row_sharding.spec[:1], *[None] * (x.ndim - 1))
     return host_to_global(x, jax.sharding.NamedSharding(self.mesh, spec))

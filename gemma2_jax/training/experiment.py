@@ -15,10 +15,10 @@ from typing import Any, Literal, Union
 
 from gemma2_jax.checkpoint.manager import CheckpointConfig
 from gemma2_jax.data.config import DataConfig
-from gemma2_jax.losses import DistillConfig
+from gemma2_jax.distill.config import DistillConfig, TeacherConfig
 from gemma2_jax.model.config import ModelConfig
-from gemma2_jax.optim import OptimizerConfig
-from gemma2_jax.sharding import DEFAULT_RULES, MESH_AXES, normalize_rules, resolve_mesh_shape
+from gemma2_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, normalize_rules, resolve_mesh_shape
+from gemma2_jax.training.optim import OptimizerConfig
 
 TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from", "checkpoint",
              "teacher", "distill")
@@ -54,15 +54,6 @@ class TrainConfig:
     if self.nonfinite not in ("stop", "skip"):
       raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TeacherConfig:
-  """A frozen teacher for online distillation: loaded once, no gradients, no optimizer state."""
-
-  checkpoint: str = ""  # HF safetensors dir, Kaggle Flax or native checkpoint (or a training workdir)
-  dtype: str = "bfloat16"  # params and compute
-  preset: str = ""  # model preset to read the checkpoint with (Kaggle trees of non-release shapes)
-  sharding_rules: list | None = None  # logical rules for the teacher's params; None = the student's
 
 
 @dataclasses.dataclass(frozen=True)

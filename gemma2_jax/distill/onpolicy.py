@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma2_jax.inference.sampler import BOS_ID, EOS_ID, PAD_ID, SamplingConfig, sample_tokens
 from gemma2_jax.model.config import ModelConfig
-from gemma2_jax.sampler import BOS_ID, EOS_ID, PAD_ID, SamplingConfig, sample_tokens
 
 # Folded into the step's key for the per-step coin (rows use their index, which is < 2**31).
 _COIN = 2**31 + 1
@@ -135,7 +135,7 @@ def reverse_kl_on_samples(student_cfg: ModelConfig, student_params: dict, teache
   """Mean per-token KL(P_student || P_teacher) at temperature 1 over the student's own samples of
   `prompts` (token lists, <bos> included), stop tokens included: what on-policy distillation with
   reverse KL minimizes, measured on fresh samples."""
-  from gemma2_jax.sampler import left_pad, row_keys
+  from gemma2_jax.inference.sampler import left_pad, row_keys
 
   prompt_BW, pad_B = left_pad(prompts)
   kl, weight = _reverse_kl_sums(student_cfg, teacher_cfg, sampling, student_params, teacher_params,
@@ -146,7 +146,7 @@ def reverse_kl_on_samples(student_cfg: ModelConfig, student_params: dict, teache
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _reverse_kl_sums(student_cfg, teacher_cfg, sampling, student_params, teacher_params, prompt_BW,
                      pad_B, keys_B):
-  from gemma2_jax.losses import distill_sums
+  from gemma2_jax.model.losses import distill_sums
   from gemma2_jax.model.transformer import forward_hidden
 
   tokens_BN, lengths_B, _ = sample_tokens(student_cfg, student_params, prompt_BW, pad_B, keys_B,

@@ -44,7 +44,7 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
   import threading
   import traceback
 
-  from gemma2_jax import distributed
+  from gemma2_jax.parallel import distributed
 
   several = bool(getattr(args, "distributed", False) or getattr(args, "coordinator_address", None))
   if several:
@@ -55,7 +55,7 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
 
   from gemma2_jax.checkpoint import CheckpointError
   from gemma2_jax.data import DataError
-  from gemma2_jax.experiment import ConfigError
+  from gemma2_jax.training.experiment import ConfigError
 
   if several:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

@@ -1,0 +1,90 @@
+"""TrainState, its shardings, sharded initialisation and its abstract (shapes + shardings) form."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gemma2_jax import checkpoint
+from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.transformer import LOGICAL_AXES, init_params, param_shapes
+from gemma2_jax.parallel.sharding import (
+  host_to_global,
+  logical_to_sharding,
+  logical_to_spec,
+)
+from gemma2_jax.training.experiment import Experiment
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass
+class Shardings:
+  mesh: jax.sharding.Mesh
+  state: TrainState
+  batch: NamedSharding
+  replicated: NamedSharding
+
+
+def state_shardings(exp: Experiment, mesh, tx) -> Shardings:
+  params = logical_to_sharding(LOGICAL_AXES, mesh, exp.rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_params = _abstract_params(exp.model)
+  opt_state = optax.tree_utils.tree_map_params(
+    tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
+    transform_non_params=lambda _: replicated)
+  batch = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
+  return Shardings(mesh=mesh, state=TrainState(step=replicated, params=params, opt_state=opt_state),
+                   batch=batch, replicated=replicated)
+
+
+def _abstract_params(model_cfg: ModelConfig):
+  dtype = jnp.dtype(model_cfg.param_dtype)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(model_cfg),
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
+  """Params and optimizer state are created directly in their shards (nothing on one device first).
+
+  With `init_from`, the weights come from that checkpoint (HF / Kaggle / native) and the optimizer
+  starts fresh: continued pre-training.
+  """
+  if exp.init_from:
+    # Read with the run's model config (any tensor of another shape is an error naming it); each
+    # process reads only the slices its devices hold.
+    _, params = checkpoint.load_sharded(exp.init_from, exp.model.param_dtype, sh.state.params,
+                                        config=exp.model)
+  else:
+    params = jax.jit(lambda: init_params(exp.model, exp.train.seed),
+                     out_shardings=sh.state.params)()
+
+  def from_params(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return jax.jit(from_params, out_shardings=sh.state, donate_argnums=0)(params)
+
+
+def to_global(batch: dict, sh: Shardings) -> dict:
+  """This process's numpy rows (its data group's share) -> global jax arrays on the batch sharding."""
+  return {k: host_to_global(np.asarray(v), sh.batch) for k, v in batch.items()}
+
+
+def abstract_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
+  """The train state as shapes carrying their target shardings (restore / AOT compile)."""
+  params = _abstract_params(exp.model)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(tx.init, params))
+  return jax.tree.map(lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard),
+                      shapes, sh.state)

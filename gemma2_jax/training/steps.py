@@ -1,0 +1,168 @@
+"""The pure step functions (not jitted): the train step over micro-batches, the eval step, their sums."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gemma2_jax.distill import onpolicy
+from gemma2_jax.distill.config import distill_schedule
+from gemma2_jax.inference.sampler import END_OF_TURN_ID, EOS_ID
+from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.losses import cross_entropy_sums, distill_sums, topk_distill_sums
+from gemma2_jax.model.transformer import forward_hidden
+from gemma2_jax.training.experiment import Experiment
+from gemma2_jax.training.optim import global_norm
+from gemma2_jax.training.state import TrainState
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+# Per-step sums of on-policy steps (rows with a response, rows the student answered, tokens it wrote).
+ONPOLICY_SUMS = ("rows", "gen_rows", "gen_tokens")
+
+
+TOPK_KEYS = ("topk_logprobs", "topk_ids")
+
+
+def loss_sums(model_cfg: ModelConfig, params: dict, batch: dict, *, chunk: int, z_loss: float):
+  hidden_BTD = forward_hidden(model_cfg, params, batch["tokens"], batch["positions"],
+                              batch["segment_ids"])
+  return cross_entropy_sums(model_cfg, params["embedder"]["input_embedding"], hidden_BTD,
+                            batch["targets"], batch["loss_mask"], chunk_size=chunk, z_loss=z_loss)
+
+
+def make_objective(exp: Experiment, teacher_cfg: ModelConfig | None = None):
+  """(params, batch, teacher_params, step) -> (scalar to differentiate, weighted sums).
+
+  One function for the three modes: cross-entropy, online distillation (the frozen teacher's forward
+  runs here, under stop_gradient) and offline distillation from stored top-k teacher log-probs.
+  """
+  model_cfg, tcfg, mode = exp.model, exp.train, exp.distill_mode
+
+  def objective(params, batch, teacher_params, step):
+    if mode == "ce":
+      sums = loss_sums(model_cfg, params, batch, chunk=tcfg.loss_chunk, z_loss=tcfg.z_loss)
+      return sums["nll"] + sums.get("z_loss", 0.0), sums
+    alpha, temperature = distill_schedule(exp.distill, step)
+    kw = dict(loss=exp.distill.loss, beta=exp.distill.beta, temperature=temperature, alpha=alpha,
+              chunk_size=tcfg.loss_chunk, z_loss=tcfg.z_loss)
+    hidden_BTD = forward_hidden(model_cfg, params, batch["tokens"], batch["positions"],
+                                batch["segment_ids"])
+    embedding_VD = params["embedder"]["input_embedding"]
+    if mode == "online":
+      teacher_params = jax.lax.stop_gradient(teacher_params)
+      teacher_hidden_BTD = forward_hidden(teacher_cfg, teacher_params, batch["tokens"],
+                                          batch["positions"], batch["segment_ids"])
+      sums = distill_sums(model_cfg, embedding_VD, hidden_BTD, teacher_cfg,
+                          teacher_params["embedder"]["input_embedding"], teacher_hidden_BTD,
+                          batch["targets"], batch["loss_mask"], **kw)
+    else:
+      sums = topk_distill_sums(model_cfg, embedding_VD, hidden_BTD, batch["topk_logprobs"],
+                               batch["topk_ids"], batch["targets"], batch["loss_mask"], **kw)
+    return sums["loss"] + sums.get("z_loss", 0.0), sums
+
+  return objective
+
+
+def sum_over_micro_batches(fn, batch: dict, k: int):
+  """sum_i fn(micro-batch i) over k micro-batches, one at a time (activation memory of one).
+
+  Row j*k + i goes to micro-batch i, so every micro-batch is spread over all batch shards.
+  """
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
+
+  def accumulate(carry, micro_batch):
+    return jax.tree.map(jnp.add, carry, fn(micro_batch)), None
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro)))
+  return jax.lax.scan(accumulate, zeros, micro)[0]
+
+
+def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | None = None,
+                    stop_tokens: tuple[int, ...] = (EOS_ID, END_OF_TURN_ID)):
+  """(state, batch, teacher_params) -> (state, metrics); batch leaves are [global_batch, T, ...].
+
+  teacher_params is None except for online distillation; it is an argument (never optimizer state).
+  With on-policy distillation (distill.onpolicy_lambda > 0, see gemma2_jax/onpolicy.py) each
+  micro-batch's responses may first be replaced by the student's samples, which end at
+  `stop_tokens` (default: Gemma's tokenizer's `<eos>` and `<end_of_turn>`).
+  """
+  k = exp.train.grad_accum_steps
+  objective = make_objective(exp, teacher_cfg)
+  lam = exp.distill.onpolicy_lambda if exp.distill is not None else 0.0
+  sampling = onpolicy.sampling_config(exp.distill, stop_tokens, exp.model.dtype) if lam else None
+
+  def train_step(state: TrainState, batch: dict, teacher_params=None):
+    if lam:
+      coin_key, row_key = onpolicy.step_keys(exp.train.seed, state.step)
+      on = onpolicy.use_policy(lam, coin_key)
+      batch = {**batch, "row": jnp.arange(batch["tokens"].shape[0], dtype=jnp.uint32)}
+
+    def grads_and_sums(micro_batch):
+      gen = {}
+      if lam:
+        micro_batch = dict(micro_batch)
+        keys_B = jax.vmap(functools.partial(jax.random.fold_in, row_key))(micro_batch.pop("row"))
+        gen["rows"] = jnp.sum(jnp.any(micro_batch["loss_mask"] > 0, axis=1).astype(jnp.float32))
+
+        def sample(mb):
+          return onpolicy.onpolicy_batch(exp.model, state.params, mb, keys_B, sampling)
+
+        def keep(mb):
+          return mb, {"gen_rows": jnp.zeros(()), "gen_tokens": jnp.zeros(())}
+
+        micro_batch, sampled = (sample(micro_batch) if on is True
+                                else jax.lax.cond(on, sample, keep, micro_batch))
+        gen.update(sampled)
+      (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch,
+                                                              teacher_params, state.step)
+      return g, {**s, **gen}
+
+    grads, sums = sum_over_micro_batches(grads_and_sums, batch, k)
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)  # token-weighted mean over the whole batch
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                     opt_state=opt_state)
+    loss = sums.get("loss", sums["nll"]) / weight
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if exp.train.nonfinite == "skip":
+      # A skipped step keeps params and moments but still counts (the step, and optax's counts that
+      # drive its schedule): the learning rate applied stays the one logged for that step.
+      new = jax.tree.map(
+        lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o),
+        new, state)
+    metrics = {"loss": loss, "ce": sums["nll"] / weight, "accuracy": sums["correct"] / weight,
+               "tokens": sums["weight"], "grad_norm": grad_norm,
+               "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32)}
+    for key, name in (("kd", "kd"), ("teacher_nll", "teacher_ce"), ("kl", "kl_t1"),
+                      ("agree", "top1_agreement"), ("z_loss", "z_loss")):
+      if key in sums:
+        metrics[name] = sums[key] / weight
+    for key in ONPOLICY_SUMS:  # raw sums: the loop turns them into rates over each log window
+      if key in sums:
+        metrics[key] = sums[key]
+    if exp.distill is not None:
+      metrics["alpha"], metrics["temperature"] = (
+        jnp.asarray(v, jnp.float32) for v in distill_schedule(exp.distill, state.step))
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(model_cfg, *, chunk: int, micro_batches: int = 1):
+  """(params, batch) -> summed statistics (nll, weight, correct, bytes), in micro-batches."""
+  def eval_step(params, batch):
+    def sums(micro_batch):
+      s = loss_sums(model_cfg, params, micro_batch, chunk=chunk, z_loss=0.0)
+      return {"nll": s["nll"], "weight": s["weight"], "correct": s["correct"],
+              "bytes": jnp.sum(micro_batch["target_bytes"].astype(jnp.float32))}
+
+    return sum_over_micro_batches(sums, batch, micro_batches)
+  return eval_step
