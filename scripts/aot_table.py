@@ -11,6 +11,7 @@ A part that does not fit stops that row (aot exits at the first such part); --lo
 run's full report (FLOPs per chip included).
 
   python scripts/aot_table.py --sampler > sampler_table.md
+  python scripts/aot_table.py --smoke   # one tiny row: checks that the table still builds
 
 prints the sampler's table instead: `python -m gemma2_jax.aot --sample` for each of SAMPLER (the 27B
 teacher writing SFT responses, the 9B), per-chip peak GiB of prefill and decode, params and KV cache.
@@ -49,6 +50,9 @@ V5E = {
 
 # Further v5p rows: the 27B-teacher distillation on 8 chips (64 micro-batches of one sequence per chip).
 V5P_EXTRA = [("distill_9b", "v5p:2x2x2", TEACHER + ["--config.train.grad_accum_steps=64"])]
+
+# --smoke: the quickstart's tiny config on one v5p host (its table row, in seconds).
+SMOKE = ("pretrain_tiny", "v5p:2x2x1", [])
 
 # The sampler (`python -m gemma2_jax.sample`, e.g. the teacher writing SFT responses with --chat):
 # (preset, topology, batch_size, prompt_len, max_new_tokens). v5p:2x2x1 is one host, as sample runs.
@@ -137,6 +141,9 @@ def main():
   parser.add_argument("--configs", default=",".join(RELEASED), help="comma-separated subset")
   parser.add_argument("--log_dir", type=Path, default=None, help="keep each run's output here")
   parser.add_argument("--sampler", action="store_true", help="the sampler's table (SAMPLER) instead")
+  parser.add_argument("--smoke", action="store_true",
+                      help=f"only {SMOKE[0]} on {SMOKE[1]}: a quick check that the table still builds "
+                           "(tests/test_scripts.py)")
   args = parser.parse_args()
   if args.log_dir:
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +160,8 @@ def main():
     jobs += [(config, v5p, extra)] if "v5p" in kinds else []
     jobs += [(config, V5E[config][0], extra + V5E[config][1])] if "v5e" in kinds else []
   jobs += [job for job in V5P_EXTRA if "v5p" in kinds and job[0] in configs]
+  if args.smoke:
+    jobs = [SMOKE]
   for config, topology, overrides in jobs:
     row = run(config, topology, overrides, args.log_dir)
     changes = " ".join(o.removeprefix("--config.") for o in overrides if o not in TEACHER) or "-"

@@ -1,6 +1,6 @@
 """Backward-pass memory of the blockwise attention fallback, before and after its flash-style VJP.
 
-  python scripts/bench_attention.py [--lengths 1024,2048,4096] [--time]
+  python scripts/bench_attention.py [--lengths 1024,2048,4096] [--time] [--smoke]
 
 Compiles `grad(sum(attention(q, k, v)))` for each T and prints XLA's compiled temporaries
 (`memory_analysis().temp_size_in_bytes`; inputs and outputs not counted) for: `before`, the offset-scan
@@ -117,7 +117,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--lengths", default="1024,2048,4096")
   parser.add_argument("--time", action="store_true", help="also time fwd+bwd (slow on CPU)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny sizes: a seconds-long check that the script runs (tests/test_scripts.py)")
   args = parser.parse_args()
+  if args.smoke:  # two key blocks: the blockwise paths still loop
+    parser.set_defaults(lengths=str(2 * BLOCK))
+    args = parser.parse_args()
   print(f"grad temporaries, MiB (B={B} N={N} K={K} H={H} fp32, block {BLOCK}, soft-cap {SOFTCAP}; "
         f"{jax.default_backend()})")
   print(f"{'layer':>12} {'T':>6} {'before':>9} {'after':>9} {'before/after':>13} {'xla':>9}")

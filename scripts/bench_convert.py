@@ -7,7 +7,7 @@ process itself at exit) next to the checkpoint's byte size. The peak of a bare i
 only imported the converter is reported too: the fixed cost (jax, orbax, tensorstore), not a copy
 of the weights.
 
-  .venv/bin/python scripts/bench_convert.py [--workdir DIR] [--layers 4] [--vocab 128000]
+  .venv/bin/python scripts/bench_convert.py [--workdir DIR] [--layers 4] [--vocab 128000] [--smoke]
 """
 
 from __future__ import annotations
@@ -111,7 +111,12 @@ def main(argv=None) -> int:
   parser.add_argument("--d_model", type=int, default=2048)
   parser.add_argument("--vocab", type=int, default=128_000)
   parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny sizes: a seconds-long check that the script runs (tests/test_scripts.py)")
   args = parser.parse_args(argv)
+  if args.smoke:
+    parser.set_defaults(layers=2, d_model=64, vocab=512)
+    args = parser.parse_args(argv)
 
   cfg = ModelConfig(vocab_size=args.vocab, num_layers=args.layers, d_model=args.d_model,
                     num_heads=8, num_kv_heads=4, head_dim=256, ffn_dim=4 * args.d_model,

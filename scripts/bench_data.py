@@ -5,7 +5,7 @@ of ~`--doc_chars` characters), then times, in tokens/s of non-padding tokens:
   encode     SentencePiece batch encode alone (the ceiling)
   text       make_train_iterator on the raw text (JSONL)
   prepared   make_train_iterator on ArrayRecord shards written by prepare_data
-Usage: python scripts/bench_data.py [--mb 40] [--seq_len 2048] [--batch 16] [--tokenizer PATH]
+Usage: python scripts/bench_data.py [--mb 40] [--seq_len 2048] [--batch 16] [--tokenizer PATH] [--smoke]
 """
 
 from __future__ import annotations
@@ -64,7 +64,12 @@ def main():
   ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
   ap.add_argument("--workers", type=int, default=0)
   ap.add_argument("--tokenizer", default=str(ROOT / "tests/data/ko_sp1024.model"))
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny sizes: a seconds-long check that the script runs (tests/test_scripts.py)")
   a = ap.parse_args()
+  if a.smoke:
+    ap.set_defaults(mb=0.2, seq_len=128, batch=4, steps=5)
+    a = ap.parse_args()
 
   from gemma2_jax.data import DataConfig, SourceConfig, Tokenizer, make_train_iterator
   from gemma2_jax.data.prepare import tokenize_corpus

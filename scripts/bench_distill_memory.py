@@ -10,7 +10,7 @@ Gemma 2 9B student (D = 3584) and 27B teacher (D = 4608) at V = 256128, B = 1.
 models, log_softmax of both, softmax of the teacher, the same divergence and CE mix.
 
   .venv/bin/python scripts/bench_distill_memory.py [--seq-lens 2048 4096 8192] [--chunk 256]
-      [--loss jsd] [--vocab 256128] [--no-naive] [--fsdp 8]
+      [--loss jsd] [--vocab 256128] [--no-naive] [--fsdp 8] [--smoke]
 
 With --fsdp N the program is compiled SPMD for N (fake CPU) devices the way the trainer shards it:
 one sequence per device, embeddings FSDP-sharded over d_model; the figures are then per device.
@@ -88,7 +88,12 @@ def main():
   ap.add_argument("--vocab", type=int, default=256128)
   ap.add_argument("--no-naive", action="store_true")
   ap.add_argument("--fsdp", type=int, default=1, help="devices (one sequence each, FSDP embeddings)")
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny sizes: a seconds-long check that the script runs (tests/test_scripts.py)")
   a = ap.parse_args()
+  if a.smoke:  # the same models (abstract: nothing is allocated), short rows and a small vocabulary
+    ap.set_defaults(seq_lens=[128, 256], chunk=64, vocab=2048)
+    a = ap.parse_args()
   real = min(256000, a.vocab)
   scfg = gemma2_9b().replace(vocab_size=a.vocab, num_real_tokens=real)
   tcfg = gemma2_27b().replace(vocab_size=a.vocab, num_real_tokens=real)

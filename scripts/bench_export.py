@@ -5,7 +5,7 @@ CPU devices (fsdp=4 x tensor=2), then exports it as HF safetensors and reports t
 the export (VmHWM reset just before it), relative to the model's size. On CPU the device buffers are
 host RAM too, so the model itself is in the baseline, not in the figure.
 
-  .venv/bin/python scripts/bench_export.py [--layers 8] [--d_model 1536]
+  .venv/bin/python scripts/bench_export.py [--layers 8] [--d_model 1536] [--smoke]
 """
 
 from __future__ import annotations
@@ -64,7 +64,12 @@ def main():
   parser.add_argument("--d_model", type=int, default=1536)
   parser.add_argument("--worker", default=None)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny sizes: a seconds-long check that the script runs (tests/test_scripts.py)")
   args = parser.parse_args()
+  if args.smoke:
+    parser.set_defaults(layers=2, d_model=64)
+    args = parser.parse_args()
   if args.worker:
     return worker(args.worker, args.layers, args.d_model, args.out)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

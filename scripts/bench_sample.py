@@ -1,6 +1,7 @@
 """Decode throughput of our KV-cache sampler vs HF transformers `generate`, same weights, greedy, CPU.
 
   .venv/bin/python scripts/bench_sample.py      # d=512 L=8 V=32k, batch 8, prompt 128, 256 new
+  .venv/bin/python scripts/bench_sample.py --smoke   # tiny sizes: checks that it runs
 
 Both run the same random HF checkpoint in fp32 (ours loads it with `load_model`); HF uses eager
 attention (sdpa drops Gemma 2's soft-cap) and its default hybrid cache. Each side runs once to warm up
@@ -12,11 +13,15 @@ local layers vs a full-length cache everywhere.
 """
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.hf_utils
 
 
 def main():
@@ -30,7 +35,12 @@ def main():
   p.add_argument("--window", type=int, default=128, help="sliding window (ring slots)")
   p.add_argument("--cache_dtype", default="bfloat16")
   p.add_argument("--runs", type=int, default=3, help="timed runs per side (median reported)")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny sizes: a seconds-long check that the script runs (tests/test_scripts.py)")
   a = p.parse_args()
+  if a.smoke:  # a prompt and its new tokens longer than the window: the ring cache wraps
+    p.set_defaults(d_model=64, layers=2, vocab=512, batch=2, prompt=8, new=8, window=8, runs=1)
+    a = p.parse_args()
 
   from transformers import Gemma2ForCausalLM
 

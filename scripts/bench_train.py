@@ -21,11 +21,11 @@ import numpy as np
 
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.parallel.sharding import DEFAULT_RULES, make_mesh
+from gemma2_jax.training import modes, programs
 from gemma2_jax.training.experiment import Experiment, TrainConfig
 from gemma2_jax.training.flops import train_flops_per_token
 from gemma2_jax.training.optim import OptimizerConfig
-from gemma2_jax.training.state import init_state, state_shardings, to_global
-from gemma2_jax.training.steps import make_train_step
+from gemma2_jax.training.state import init_state, to_global
 
 
 def matmul_peak(dtype, n: int, iters: int = 10) -> float:
@@ -53,19 +53,15 @@ def bench_ours(cfg: ModelConfig, B, T, steps, chunk):
                    rules=DEFAULT_RULES, optimizer=OptimizerConfig(warmup_steps=1), train=train,
                    data_train=None, data_eval=None, tokenizer="", init_from="")
   mesh = make_mesh(exp.mesh)
-  from gemma2_jax.training.optim import make_optimizer
-  tx, schedule = make_optimizer(exp.optimizer, train.steps)
-  sh = state_shardings(exp, mesh, tx)
-  step = jax.jit(make_train_step(exp, tx, schedule), in_shardings=(sh.state, sh.batch),
-                 out_shardings=(sh.state, sh.replicated), donate_argnums=0)
-  state = init_state(exp, tx, sh)
-  b = to_global(batch(B, T, cfg.vocab_size), sh)
+  step = programs.train_program(exp, modes.Mode(exp), mesh)  # the trainer's program
+  state = init_state(exp, step.tx, step.shardings)
+  b = to_global(batch(B, T, cfg.vocab_size), step.shardings)
   for _ in range(2):  # compile + warm-up
-    state, m = step(state, b)
+    state, m = step(state, b, None)
   jax.block_until_ready(m)
   t = time.perf_counter()
   for _ in range(steps):
-    state, m = step(state, b)
+    state, m = step(state, b, None)
   jax.block_until_ready(m)
   return B * T * steps / (time.perf_counter() - t), float(m["loss"])
 
@@ -121,7 +117,13 @@ def main():
                        "XLA:CPU runs faster")
   p.add_argument("--only_ours", action="store_true", help="skip the PyTorch reference")
   p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny sizes: a seconds-long check that the script runs (tests/test_scripts.py)")
   a = p.parse_args()
+  if a.smoke:
+    p.set_defaults(d_model=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=512, window=16,
+                   batch=2, seq=32, steps=1, chunk=32, matmul_n=256)
+    a = p.parse_args()
   cfg = ModelConfig(vocab_size=a.vocab, num_layers=a.layers, d_model=a.d_model, num_heads=a.heads,
                     num_kv_heads=a.kv_heads, head_dim=a.head_dim, ffn_dim=a.ffn,
                     query_pre_attn_scalar=a.head_dim, sliding_window=a.window, dtype=a.dtype,

@@ -12,24 +12,32 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from gemma2_jax.cli.aot import (
-  compile_eval_step,
+from gemma2_jax.cli.aot import default_mesh, main
+from gemma2_jax.distill.config import DistillConfig, TeacherConfig
+from gemma2_jax.inference.sampler import SamplingConfig, cache_bytes
+from gemma2_jax.parallel.sharding import DEFAULT_RULES, make_mesh
+from gemma2_jax.training import flops
+from gemma2_jax.training.preflight import (
   compile_sampler,
-  compile_step,
   flops_report,
-  main,
+  host_plan,
+  job_programs,
   peak_bytes,
   sampler_model_config,
   sampler_report,
-  trace_step,
   traced_flops,
   while_loops,
 )
-from gemma2_jax.distill.config import DistillConfig, TeacherConfig
-from gemma2_jax.inference.sampler import SamplingConfig, cache_bytes
-from gemma2_jax.parallel.sharding import make_mesh
-from gemma2_jax.training import flops
 from tests.test_trainer import ROOT, _experiment, tiny_experiment
+
+
+def program(exp, devices, name="train step"):
+  """One of the programs `aot` compiles for a config (training.preflight.job_programs)."""
+  return {p.name: p for p in job_programs(exp, devices)}[name]
+
+
+def compiled(exp, devices, name="train step"):
+  return program(exp, devices, name).lower().compile()
 
 
 @pytest.mark.parametrize("mode", ["ce", "online", "offline"])
@@ -42,8 +50,7 @@ def test_step_compiles_from_shapes_alone_on_a_mesh(mode):
     exp = dataclasses.replace(exp, teacher=TeacherConfig(checkpoint="/nowhere", preset="tiny"))
   if mode == "offline":
     exp = dataclasses.replace(exp, offline_paths="/nowhere")
-  compiled = compile_step(exp, jax.devices()[:8])
-  m = compiled.memory_analysis()
+  m = compiled(exp, jax.devices()[:8]).memory_analysis()
   assert m.argument_size_in_bytes > 0 and m.temp_size_in_bytes > 0
 
 
@@ -53,7 +60,7 @@ def test_eval_runs_in_the_train_steps_micro_batches():
   exp = _experiment(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 4, "tensor": 2},
                             train=dataclasses.replace(exp.train, global_batch=32, grad_accum_steps=4))
-  train, evaluate = compile_step(exp, jax.devices()[:8]), compile_eval_step(exp, jax.devices()[:8])
+  train, evaluate = compiled(exp, jax.devices()[:8]), compiled(exp, jax.devices()[:8], "eval step")
   assert evaluate.memory_analysis().temp_size_in_bytes <= train.memory_analysis().temp_size_in_bytes
   assert peak_bytes(evaluate) <= peak_bytes(train)
 
@@ -68,13 +75,11 @@ def test_cli_without_libtpu_says_how_to_get_it():
 
 
 def test_teacher_logits_step_and_host_plan():
-  from gemma2_jax.cli.aot import compile_teacher_logits_step, host_plan
-
   exp = _experiment(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 4, "tensor": 1},
                             distill=DistillConfig(loss="forward_kl"), init_from="/nowhere",
                             teacher=TeacherConfig(checkpoint="/nowhere", preset="tiny"))
-  m = compile_teacher_logits_step(exp, jax.devices()[:8]).memory_analysis()
+  m = compiled(exp, jax.devices()[:8], "teacher_logits step").memory_analysis()
   assert m.argument_size_in_bytes > 0 and m.temp_size_in_bytes > 0
   plan = host_plan(exp, jax.devices()[:8])
   assert plan[0].startswith("hosts: 1 in 1 data groups; each host feeds 8 of 8 rows")
@@ -109,8 +114,10 @@ def test_train_step_with_splash_under_a_mesh_and_its_flops_report():
   c.model.update(dict(attention_impl="splash", remat="full", head_dim=16, num_layers=4))
   exp = _experiment(c, 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2})
-  traced = trace_step(exp, jax.devices()[:8])
-  compiled = traced.lower().compile()
+  p = program(exp, jax.devices()[:8])
+  traced = p.trace()
+  with p.context():
+    compiled = traced.lower().compile()
   outside, kernels = traced_flops(traced.jaxpr, 8)
   assert kernels > 0
   # Matmuls outside the kernels: at least the model's non-attention FLOPs (full remat recomputes
@@ -132,9 +139,11 @@ def test_onpolicy_train_step_with_its_decode_loop_compiles_and_is_reported():
                             distill=DistillConfig(loss="reverse_kl", onpolicy_lambda=1.0,
                                                   onpolicy_max_new_tokens=4),
                             teacher=TeacherConfig(checkpoint="/nowhere", preset="tiny"))
-  traced = trace_step(exp, jax.devices()[:8])
+  p = program(exp, jax.devices()[:8])
+  traced = p.trace()
   assert while_loops(traced.jaxpr) >= 1
-  compiled = traced.lower().compile()
+  with p.context():
+    compiled = traced.lower().compile()
   assert compiled.memory_analysis().temp_size_in_bytes > 0
   lines = flops_report(exp, traced, compiled, 8)
   assert "while loop(s) (e.g. on-policy sampling's decode) counted once per body" in lines[1]
@@ -146,7 +155,8 @@ def test_sampler_prefill_and_decode_compile_from_shapes_on_a_mesh():
   donated (its outputs alias its inputs), the KV cache counted per chip."""
   cfg = sampler_model_config("tiny", None, "bfloat16")
   sampling = SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.9)
-  p = compile_sampler(cfg, jax.devices()[:8], batch_size=6, prompt_len=20, sampling=sampling)
+  mesh = make_mesh(default_mesh(cfg.num_kv_heads, 8), jax.devices()[:8])
+  p = compile_sampler(cfg, mesh, DEFAULT_RULES, batch_size=6, prompt_len=20, sampling=sampling)
   assert dict(p.mesh.shape) == {"dcn": 1, "data": 4, "fsdp": 1, "tensor": 2}
   assert (p.rows, p.bucket) == (8, 32)
   assert p.cache_bytes_total == cache_bytes(cfg, 8, 32 + 8)["ring"]

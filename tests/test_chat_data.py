@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from gemma2_jax.cli import prepare_data
 from gemma2_jax.data import (
     BOS_ID,
     STATS,
@@ -18,7 +19,6 @@ from gemma2_jax.data import (
     make_eval_iterator,
     make_train_iterator,
     open_source,
-    prepare,
     train_tokenizer,
 )
 from gemma2_jax.data.chat import conversation, render_prompt
@@ -377,13 +377,13 @@ def test_chat_needs_a_tokenizer_with_turn_markers(tmp_path, paras):
 def test_prepare_data_trains_on_chats_and_refuses_to_pre_tokenize_them(tmp_path, capsys, paras,
                                                                         tok_path):
   path = _jsonl(tmp_path / "c.jsonl", [{"messages": _messages(paras, i, 2)} for i in range(60)])
-  rc = prepare.main(["train-tokenizer", "--chat", "--input", path, "--model_prefix",
-                     str(tmp_path / "sp"), "--vocab_size", "500", "--character_coverage", "0.98"])
+  rc = prepare_data.main(["train-tokenizer", "--chat", "--input", path, "--model_prefix",
+                          str(tmp_path / "sp"), "--vocab_size", "500", "--character_coverage", "0.98"])
   assert rc == 0, capsys.readouterr().err
   sp = Tokenizer(tmp_path / "sp.model").sp
   assert [sp.id_to_piece(i) for i in (4, 5)] == ["<start_of_turn>", "<end_of_turn>"]
-  rc = prepare.main(["tokenize", "--chat", "--input", path, "--tokenizer", tok_path,
-                     "--output_dir", str(tmp_path / "o"), "--no_progress"])
+  rc = prepare_data.main(["tokenize", "--chat", "--input", path, "--tokenizer", tok_path,
+                          "--output_dir", str(tmp_path / "o"), "--no_progress"])
   err = capsys.readouterr().err
   assert rc == 2 and "is chat data: it is tokenized by the training pipeline" in err
   assert err.count("\n") == 1 and not (tmp_path / "o").exists()

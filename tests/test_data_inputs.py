@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from gemma2_jax.cli import prepare_data
 from gemma2_jax.data import (
   BOS_ID,
   EOS_ID,
@@ -277,9 +278,9 @@ def test_prepared_shards_refuse_another_tokenizer(tmp_path):
 
 def test_prepare_cli_parallel_with_summary(tmp_path, capsys):
   out = tmp_path / "prep"
-  rc = prepare.main(["tokenize", "--input", str(DATA / "ko" / "*.txt"), "--tokenizer", TOK,
-                     "--output_dir", str(out), "--num_workers", "2", "--num_shards", "3",
-                     "--no_progress"])
+  rc = prepare_data.main(["tokenize", "--input", str(DATA / "ko" / "*.txt"), "--tokenizer", TOK,
+                          "--output_dir", str(out), "--num_workers", "2", "--num_shards", "3",
+                          "--no_progress"])
   assert rc == 0
   printed = capsys.readouterr().out
   assert "bytes/token" in printed and "chars/token" in printed
@@ -297,8 +298,8 @@ def test_prepare_cli_parallel_with_summary(tmp_path, capsys):
 
 
 def test_prepare_cli_errors_are_one_line(tmp_path, capsys):
-  rc = prepare.main(["tokenize", "--input", str(tmp_path / "*.jsonl"), "--tokenizer", TOK,
-                     "--output_dir", str(tmp_path / "o"), "--no_progress"])
+  rc = prepare_data.main(["tokenize", "--input", str(tmp_path / "*.jsonl"), "--tokenizer", TOK,
+                          "--output_dir", str(tmp_path / "o"), "--no_progress"])
   assert rc == 2
   err = capsys.readouterr().err
   assert err.startswith("error: no files match glob") and err.count("\n") == 1
@@ -311,8 +312,8 @@ def test_prepare_cli_trains_tokenizer_from_jsonl(tmp_path, capsys):
       for ln in path.read_text(encoding="utf-8").splitlines():
         if ln.strip():
           f.write(json.dumps({"text": ln}, ensure_ascii=False) + "\n")
-  rc = prepare.main(["train-tokenizer", "--input", str(p), "--model_prefix",
-                     str(tmp_path / "sp"), "--vocab_size", "800"])
+  rc = prepare_data.main(["train-tokenizer", "--input", str(p), "--model_prefix",
+                          str(tmp_path / "sp"), "--vocab_size", "800"])
   assert rc == 0
   Tokenizer(tmp_path / "sp.model").check(800)
 

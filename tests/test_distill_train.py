@@ -9,13 +9,11 @@ import pytest
 from gemma2_jax import save_model
 from gemma2_jax.checkpoint import CheckpointError
 from gemma2_jax.distill.config import DistillConfig, TeacherConfig
-from gemma2_jax.distill.teacher import load_teacher
 from gemma2_jax.model import Transformer
 from gemma2_jax.parallel.sharding import make_mesh
+from gemma2_jax.training import modes, programs
 from gemma2_jax.training.loop import Trainer
-from gemma2_jax.training.optim import make_optimizer
-from gemma2_jax.training.state import init_state, state_shardings, to_global
-from gemma2_jax.training.steps import make_train_step
+from gemma2_jax.training.state import init_state, to_global
 from tests.test_trainer import ROOT, _experiment, synthetic_batches, tiny_experiment
 
 
@@ -44,12 +42,10 @@ def _distill_exp(exp, teacher_path, mesh, **distill):
 def _step(exp, n_devices, init_from=""):
   exp = dataclasses.replace(exp, init_from=str(init_from))
   mesh = make_mesh(exp.mesh, jax.devices()[:n_devices])
-  tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
-  sh = state_shardings(exp, mesh, tx)
-  teacher_cfg, teacher_params = load_teacher(exp.teacher, exp.model, exp.rules, mesh)
-  state = init_state(exp, tx, sh)
-  step = jax.jit(make_train_step(exp, tx, schedule, teacher_cfg))
-  return state, step, teacher_params, sh
+  mode = modes.for_experiment(exp)
+  step = programs.train_program(exp, mode, mesh)
+  state = init_state(exp, step.tx, step.shardings)
+  return state, step, mode.load_teacher(mesh), step.shardings
 
 
 def test_teacher_equal_to_student_gives_zero_kl_and_zero_gradient(checkpoints):
@@ -90,7 +86,7 @@ def test_teacher_vocab_must_match(checkpoints, tmp_path):
                     format="native")
   exp = _distill_exp(exp, path, {})
   with pytest.raises(CheckpointError, match="teacher vocab_size 264 != student vocab_size 256"):
-    load_teacher(exp.teacher, exp.model, exp.rules, make_mesh(exp.mesh, jax.devices()[:1]))
+    modes.teacher_model_config(exp)
 
 
 def test_distill_cli_run_end_to_end(checkpoints, tmp_path):
@@ -126,8 +122,8 @@ def test_hf_teacher_with_real_rows_only_is_padded_to_the_student_vocab(checkpoin
   assert json.loads((hf / "config.json").read_text())["vocab_size"] == student.num_real_tokens
   exp = _distill_exp(dataclasses.replace(exp, model=student), hf, {"fsdp": 2}, loss="forward_kl",
                      alpha=1.0)
-  teacher_cfg, teacher_params = load_teacher(exp.teacher, exp.model, exp.rules,
-                                             make_mesh(exp.mesh, jax.devices()[:2]))
+  mode = modes.for_experiment(exp)
+  teacher_cfg, teacher_params = mode.teacher_cfg, mode.load_teacher(make_mesh(exp.mesh, jax.devices()[:2]))
   emb = np.asarray(teacher_params["embedder"]["input_embedding"])
   assert teacher_cfg.vocab_size == student.vocab_size and emb.shape[0] == student.vocab_size
   np.testing.assert_array_equal(emb[:student.num_real_tokens],

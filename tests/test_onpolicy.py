@@ -13,17 +13,16 @@ import pytest
 
 from gemma2_jax import save_model
 from gemma2_jax.data import DataConfig, SourceConfig, make_train_iterator, train_tokenizer
+from gemma2_jax.data.tokenizer import END_OF_TURN_ID, EOS_ID, PAD_ID
 from gemma2_jax.distill import onpolicy
 from gemma2_jax.distill.config import DistillConfig, TeacherConfig
-from gemma2_jax.distill.teacher import load_teacher
-from gemma2_jax.inference.sampler import END_OF_TURN_ID, EOS_ID, PAD_ID, SamplingConfig
+from gemma2_jax.inference.sampler import SamplingConfig
 from gemma2_jax.model import Transformer
 from gemma2_jax.model.transformer import init_params
-from gemma2_jax.parallel.sharding import make_mesh
+from gemma2_jax.parallel.sharding import DEFAULT_RULES, make_mesh
+from gemma2_jax.training import modes, preflight, programs
 from gemma2_jax.training.experiment import ConfigError, from_config
-from gemma2_jax.training.optim import make_optimizer
-from gemma2_jax.training.state import init_state, state_shardings, to_global
-from gemma2_jax.training.steps import BATCH_KEYS, make_objective, make_train_step
+from gemma2_jax.training.state import init_state, to_global
 from tests.test_trainer import _experiment, tiny_experiment
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -83,7 +82,7 @@ def chat_setup(tmp_path_factory):
   batches = []
   it = make_train_iterator(data, tokenizer_path=tok, vocab_size=800)
   for _ in range(2):
-    batches.append({k: v for k, v in next(it).items() if k in BATCH_KEYS})
+    batches.append({k: v for k, v in next(it).items() if k in modes.TEXT_BATCH.keys})
   it.close()
   exp = dataclasses.replace(exp, model=model, data_train=data, tokenizer=tok,
                             teacher=TeacherConfig(checkpoint=str(teacher), dtype="float32"))
@@ -105,13 +104,12 @@ def _run(exp, batch, n_devices=1, lam=1.0, **distill):
                             distill=DistillConfig(loss="reverse_kl", onpolicy_lambda=lam,
                                                   onpolicy_max_new_tokens=12, **distill))
   mesh = make_mesh(exp.mesh, jax.devices()[:n_devices])
-  tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
-  sh = state_shardings(exp, mesh, tx)
-  teacher_cfg, teacher_params = load_teacher(exp.teacher, exp.model, exp.rules, mesh)
-  state = init_state(exp, tx, sh)
-  stop = onpolicy.stop_tokens_for(exp.tokenizer)
-  step = jax.jit(make_train_step(exp, tx, schedule, teacher_cfg, stop))
-  return exp, state, step(state, to_global(batch, sh), teacher_params), teacher_cfg, teacher_params
+  mode = modes.for_experiment(exp)
+  step = programs.train_program(exp, mode, mesh)
+  sh = step.shardings
+  teacher_params = mode.load_teacher(mesh)
+  state = init_state(exp, step.tx, sh)
+  return exp, state, step(state, to_global(batch, sh), teacher_params), mode, teacher_params
 
 
 def test_lambda_zero_is_off_policy_kd(chat_setup):
@@ -128,7 +126,7 @@ def test_lambda_zero_is_off_policy_kd(chat_setup):
 
 def test_onpolicy_step_is_kd_on_the_students_samples_with_no_gradient_through_sampling(chat_setup):
   exp, batches = chat_setup
-  exp1, state, (new, m), teacher_cfg, teacher_params = _run(exp, batches[0], lam=1.0)
+  exp1, state, (new, m), mode, teacher_params = _run(exp, batches[0], lam=1.0)
   assert float(m["gen_rows"]) == 8.0 and 8 <= float(m["gen_tokens"]) <= 8 * 12
   # The same loss and gradient from the objective on the sampled batch built outside the step: the
   # samples enter the loss as constants.
@@ -140,8 +138,7 @@ def test_onpolicy_step_is_kd_on_the_students_samples_with_no_gradient_through_sa
                                           {k: jnp.asarray(v) for k, v in batches[0].items()}, keys,
                                           sampling)
   assert float(sums["gen_tokens"]) == float(m["gen_tokens"])
-  objective = make_objective(exp1, teacher_cfg)
-  (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, sampled, teacher_params, 0)
+  (_, s), g = jax.value_and_grad(mode.objective, has_aux=True)(state.params, sampled, teacher_params, 0)
   np.testing.assert_allclose(float(m["loss"]), float(s["loss"] / s["weight"]), rtol=1e-5)
   g_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x / s["weight"])) for x in jax.tree.leaves(g))))
   np.testing.assert_allclose(float(m["grad_norm"]), g_norm, rtol=1e-4)
@@ -184,11 +181,10 @@ def test_onpolicy_config_errors(chat_setup):
 def _train(exp, batches, teacher=None):
   """Params after one optimizer step per batch (CE, or distillation from `teacher` = (cfg, params))."""
   mesh = make_mesh(exp.mesh, jax.devices()[:1])
-  tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
-  sh = state_shardings(exp, mesh, tx)
-  state = init_state(exp, tx, sh)
-  stop = onpolicy.stop_tokens_for(exp.tokenizer)
-  step = jax.jit(make_train_step(exp, tx, schedule, teacher and teacher[0], stop))
+  mode = modes.OnlineKD(exp, teacher_cfg=teacher[0]) if teacher else modes.Mode(exp)
+  step = programs.train_program(exp, mode, mesh)
+  sh = step.shardings
+  state = init_state(exp, step.tx, sh)
   for b in batches:
     state, _ = step(state, to_global(b, sh), teacher and teacher[1])
   return state.params
@@ -201,7 +197,7 @@ def test_onpolicy_lowers_reverse_kl_on_own_samples_more_than_off_policy(chat_set
   off-policy)."""
   exp, _ = chat_setup
   it = make_train_iterator(exp.data_train, tokenizer_path=exp.tokenizer, vocab_size=800)
-  batches = [{k: v for k, v in next(it).items() if k in BATCH_KEYS} for _ in range(40)]
+  batches = [{k: v for k, v in next(it).items() if k in modes.TEXT_BATCH.keys} for _ in range(40)]
   it.close()
   base = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1}, teacher=None,
                              optimizer=dataclasses.replace(exp.optimizer, learning_rate=1e-2,
@@ -286,13 +282,12 @@ def test_decode_loop_gathers_no_weights_under_fsdp():
   call, outside the loop (XLA:CPU hoists them either way, so only a TPU compile shows it)."""
   from jax.experimental import topologies
 
-  from gemma2_jax.cli import aot
   from gemma2_jax.model.config import gemma2_2b
 
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
   cfg = gemma2_2b(dtype="bfloat16", param_dtype="float32").replace(num_layers=2)
-  programs = aot.compile_sampler(cfg, devices, batch_size=8, prompt_len=64,
-                                 sampling=SamplingConfig(max_new_tokens=16),
-                                 mesh={"dcn": 1, "data": 1, "fsdp": 4, "tensor": 1})
-  inside, outside = _reachable_collective_bytes(programs.decode.as_text())
-  assert inside == 0 and outside >= programs.param_bytes_per_chip, (inside, outside)
+  mesh = make_mesh({"dcn": 1, "data": 1, "fsdp": 4, "tensor": 1}, devices)
+  compiled = preflight.compile_sampler(cfg, mesh, DEFAULT_RULES, batch_size=8, prompt_len=64,
+                                       sampling=SamplingConfig(max_new_tokens=16))
+  inside, outside = _reachable_collective_bytes(compiled.decode.as_text())
+  assert inside == 0 and outside >= compiled.param_bytes_per_chip, (inside, outside)

@@ -13,7 +13,8 @@ import torch
 
 from gemma2_jax import checkpoint
 from gemma2_jax.data.chat import render_prompt
-from gemma2_jax.inference.sampler import PAD_ID, Sampler, SamplingConfig, cache_bytes, generate, results
+from gemma2_jax.data.tokenizer import PAD_ID
+from gemma2_jax.inference.sampler import Sampler, SamplingConfig, cache_bytes, generate, results
 from gemma2_jax.model.config import tiny
 from gemma2_jax.parallel.sharding import make_mesh
 from tests.hf_utils import random_hf_model

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from gemma2_jax.parallel.sharding import activation_sharding, make_mesh
+from gemma2_jax.training import modes, programs
 from gemma2_jax.training.experiment import from_config
 from gemma2_jax.training.loop import Trainer, TrainingDiverged
 from gemma2_jax.training.optim import make_optimizer
 from gemma2_jax.training.state import init_state, state_shardings, to_global
-from gemma2_jax.training.steps import BATCH_KEYS, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,15 +51,13 @@ def synthetic_batches(n, B=8, T=16, vocab=256, seed=0):
 
 def run_steps(exp, batches, devices):
   mesh = make_mesh(exp.mesh, devices)
-  tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
-  sh = state_shardings(exp, mesh, tx)
+  step = programs.train_program(exp, modes.Mode(exp), mesh)
+  sh = step.shardings
   with activation_sharding(mesh, exp.rules):
-    step = jax.jit(make_train_step(exp, tx, schedule), in_shardings=(sh.state, sh.batch),
-                   out_shardings=(sh.state, sh.replicated), donate_argnums=0)
-    state = init_state(exp, tx, sh)
+    state = init_state(exp, step.tx, sh)
     losses = []
     for b in batches:
-      state, m = step(state, to_global(b, sh))
+      state, m = step(state, to_global(b, sh), None)
       losses.append(float(m["loss"]))
   return state, np.array(losses)
 
@@ -119,16 +117,16 @@ def test_nonfinite_skip_keeps_params():
   exp = _experiment(tiny_experiment(nonfinite="skip"), 1)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
   mesh = make_mesh(exp.mesh, jax.devices()[:1])
-  tx, schedule = make_optimizer(exp.optimizer, exp.train.steps)
-  sh = state_shardings(exp, mesh, tx)
-  state = init_state(exp, tx, sh)
+  step = programs.train_program(exp, modes.Mode(exp), mesh)
+  sh = step.shardings
+  state = init_state(exp, step.tx, sh)
   bad = state.replace(params=jax.tree.map(lambda x: x, state.params))
   emb = bad.params["embedder"]["input_embedding"].at[5].set(np.nan)
   bad.params["embedder"]["input_embedding"] = emb
   batch = synthetic_batches(1)[0]
   batch["tokens"][:, 0] = 5
   before = jax.tree.map(np.asarray, bad.params)
-  new, metrics = jax.jit(make_train_step(exp, tx, schedule))(bad, to_global(batch, sh))
+  new, metrics = step(bad, to_global(batch, sh), None)
   assert metrics["finite"] == 0 and int(new.step) == 1
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), new.params, before)
   # Optax's step counts (which drive its schedule) advance with the step: logged lr == applied lr.
@@ -156,7 +154,7 @@ def test_batch_keys_match_data_pipeline():
   c.data.tokenizer = str(ROOT / "tests" / "data" / "ko_sp1024.model")
   exp = from_config(c, num_devices=jax.device_count())
   batch = next(make_train_iterator(exp.data_train, tokenizer_path=exp.tokenizer, vocab_size=1024))
-  assert set(BATCH_KEYS) <= set(batch)
+  assert set(modes.TEXT_BATCH.keys) <= set(batch)
   assert batch["tokens"].shape == (8, 16)
 
 

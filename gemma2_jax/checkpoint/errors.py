@@ -1,7 +1,9 @@
 """The one error type of checkpoint I/O: its message is the single line a CLI prints."""
 
+from gemma2_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
   pass
 
 

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from gemma2_jax.checkpoint.errors import CheckpointError, cause_line
-from gemma2_jax.data.sources import DataError
+from gemma2_jax.errors import UserError
 from gemma2_jax.paths import as_path
 
 
@@ -121,7 +121,7 @@ class TrainCheckpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items)).state
-    except (CheckpointError, DataError):
+    except UserError:  # already the one line (e.g. the data iterator's state does not fit)
       raise
     except Exception as e:  # orbax / tensorstore / json: a truncated or corrupt file of this step
       raise CheckpointError(self._unreadable(step, e)) from None

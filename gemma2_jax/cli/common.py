@@ -29,13 +29,13 @@ def add_distributed_flags(parser: ArgumentParser):
   parser.add_argument("--process_id", type=int, default=None)
 
 
-def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
+def run_job(args: argparse.Namespace, body) -> int:
   """Runs `body() -> exit code` as one process of a (possibly multi-process) job.
 
   With distributed flags the command is re-run as a supervised child, which joins the job. Known bad
-  input (ConfigError, DataError, CheckpointError, OSError, `expected_errors()`) is one `error: ...`
-  line and exit 1; with several processes any failure is published so the others stop naming it,
-  and a broken collective names the lost process (see gemma2_jax.distributed).
+  input (a UserError, an OSError) is one `error: ...` line and exit 1; with several processes any
+  failure is published so the others stop naming it, and a broken collective names the lost process
+  (see gemma2_jax.parallel.distributed).
   """
   import gc
   import inspect
@@ -53,9 +53,7 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
       return rc
   import jax
 
-  from gemma2_jax.checkpoint import CheckpointError
-  from gemma2_jax.data import DataError
-  from gemma2_jax.training.experiment import ConfigError
+  from gemma2_jax.errors import UserError
 
   if several:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -75,7 +73,7 @@ def run_job(args: argparse.Namespace, body, expected_errors=lambda: ()) -> int:
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   try:
     rc = body()
-  except (ConfigError, DataError, CheckpointError, *expected_errors()) as e:
+  except UserError as e:
     error = f"error: {' '.join(str(e).split())}"
   except OSError as e:  # e.g. a workdir that cannot be created or written
     error = f"error: {e.strerror or e}: {e.filename or ''} (check the output and data paths)"

@@ -15,47 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 from tqdm import tqdm
 
-from gemma2_jax.checkpoint import (
-  FORMATS,
-  CheckpointError,
-  check_config,
-  load_params,
-  save_params,
-  stored_dtype,
-)
+from gemma2_jax.checkpoint import FORMATS
+from gemma2_jax.checkpoint.convert import DTYPES, convert, read_model_config
 from gemma2_jax.cli.common import ArgumentParser
-from gemma2_jax.model.config import PRESETS, ModelConfig, get_preset
-
-# Weights are floats: a cast to an integer type would write zeros (silently) and complex is meaningless.
-DTYPES = ("float32", "bfloat16", "float16")
+from gemma2_jax.errors import UserError
+from gemma2_jax.model.config import PRESETS, get_preset
 
 
-def _model_config(path: str) -> ModelConfig:
-  """A JSON file of ModelConfig fields, bare or under "model" (gemma2_jax.json, a workdir's config)."""
-  import json
-
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  try:
-    d = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"--model_config {path}: not valid JSON ({e})") from None
-  if isinstance(d, dict) and isinstance(d.get("model"), dict):
-    d = d["model"]
-  if not isinstance(d, dict):
-    raise CheckpointError(f"--model_config {path}: expected a JSON object of ModelConfig fields")
-  try:
-    return ModelConfig.from_dict(d)
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"--model_config {path}: {e}") from None
-
-
-def main(argv=None) -> int:
+def parse_args(argv):
   parser = ArgumentParser(prog="python -m gemma2_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", required=True, help="checkpoint directory to read")
   parser.add_argument("--dst", required=True, help="new directory to write")
   parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
@@ -70,26 +41,21 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.max_shard_gb <= 0:
     parser.error("--max_shard_gb must be positive")
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
   try:
-    model_cfg = None
-    if args.preset or args.model_config:
-      model_cfg = get_preset(args.preset) if args.preset else _model_config(args.model_config)
-      check_config(args.src, model_cfg, what="--src",
-                   fix="it stores its own config: leave out --preset / --model_config")
-    # Reading in the stored dtype keeps the in-memory copy the size of the checkpoint itself.
-    dtype = np.dtype(args.dtype) if args.dtype else stored_dtype(args.src)
-    if dtype.name not in DTYPES:
-      raise CheckpointError(f"{args.src} stores {dtype.name} weights; give --dtype ({', '.join(DTYPES)})")
+    model_cfg = get_preset(args.preset) if args.preset else (
+      read_model_config(args.model_config) if args.model_config else None)
     # Bars only on a terminal: piped stderr (CI, tests) then carries just the error line.
-    with tqdm(desc="read", unit="tensor", disable=None) as bar:
-      cfg, params = load_params(args.src, dtype, config=model_cfg, progress=bar)
-    kwargs = {"max_shard_bytes": int(args.max_shard_gb * 1e9)} if args.to == "hf" else {}
-    with tqdm(desc="write", unit="tensor", disable=None) as bar:
-      out = save_params(params, cfg, args.dst, args.to, dtype, progress=bar, **kwargs)
-  except (CheckpointError, OSError) as e:
+    cfg, dtype, out = convert(args.src, args.dst, args.to, dtype=args.dtype, config=model_cfg,
+                              max_shard_bytes=int(args.max_shard_gb * 1e9),
+                              progress=lambda phase: tqdm(desc=phase, unit="tensor", disable=None))
+  except (UserError, OSError) as e:
     print("error: " + " ".join(str(e).split()), file=sys.stderr)
     return 1
   print(f"wrote {args.to} checkpoint of a {cfg.num_layers}-layer d={cfg.d_model} Gemma 2 "
         f"({cfg.num_params():,} params, {dtype.name}) to {out}")
   return 0
-

@@ -45,10 +45,5 @@ def main(argv=None) -> int:
       write_json(f"{args.workdir}/summary.json", summary)
     return 0
 
-  def training_errors():
-    from gemma2_jax.training.loop import TrainingDiverged
-
-    return (TrainingDiverged,)
-
-  return run_job(args, train, training_errors)
+  return run_job(args, train)
 

@@ -24,12 +24,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gemma2_jax.errors import UserError
+
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 ROLES = {"user": "user", "model": "model", "assistant": "model", "system": "system"}
 RESPONSE_FIELDS = ("response", "completion")  # `completion`: what `sample --output` writes
 
 
-class ChatError(ValueError):
+class ChatError(UserError):
   """A malformed conversation (unknown role, empty content, wrong order)."""
 
 

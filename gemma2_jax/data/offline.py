@@ -47,7 +47,7 @@ import grain
 import grain.python as gp
 import numpy as np
 
-from gemma2_jax.data.pipeline import _from_json, model_batch, stop_threads  # the pipeline's own
+from gemma2_jax.data.pipeline import from_json, model_batch, stop_threads  # the pipeline's own
 from gemma2_jax.data.sources import ArrayRecords, DataError
 from gemma2_jax.paths import as_path, glob, is_remote
 
@@ -213,9 +213,9 @@ class TopKWriter:
     self.dir = os.fspath(output_dir)
     if is_remote(self.dir):
       # array_record writes local files only (its bundled GCS client reads, it does not write).
-      raise ValueError(f"output_dir {self.dir}: teacher top-k records are written to a local "
-                       "directory (or a gcsfuse mount); copy it to the bucket afterwards, the trainer "
-                       "reads gs:// directly")
+      raise DataError(f"output_dir {self.dir}: teacher top-k records are written to a local "
+                      "directory (or a gcsfuse mount); copy it to the bucket afterwards, the trainer "
+                      "reads gs:// directly")
     os.makedirs(self.dir, exist_ok=True)
     self.codec = _Codec(seq_len=seq_len, k=k, vocab_size=vocab_size, logprob_bits=logprob_bits,
                         logprob_min=logprob_min)
@@ -244,8 +244,8 @@ class TopKWriter:
       with open(self._progress_path()) as f:
         done = json.load(f)
       if done.get("run") != self._run:
-        raise ValueError(f"{self.dir} holds an unfinished run with other settings ({done.get('run')} "
-                         f"there, {self._run} now); use a new output directory")
+        raise DataError(f"{self.dir} holds an unfinished run with other settings ({done.get('run')} "
+                        f"there, {self._run} now); use a new output directory")
       for key in self._COUNTS:
         setattr(self, key, done[key])
       self._shards = list(done["shards"])
@@ -341,7 +341,7 @@ def packed_rows(cfg, tokenizer_path, *, vocab_size: int | None = None,
 
   Rows are {"tokens", "tokens_segment_ids", "tokens_positions"} int32 [seq_len + 1].
   """
-  from gemma2_jax.data.pipeline import _rows
+  from gemma2_jax.data.pipeline import rows
   from gemma2_jax.data.tokenizer import Tokenizer
 
   chat = [s.label for s in cfg.sources if s.chat]
@@ -350,8 +350,8 @@ def packed_rows(cfg, tokenizer_path, *, vocab_size: int | None = None,
                     "store the loss mask of model turns); distill chat data online (teacher.checkpoint)")
   tok = Tokenizer(tokenizer_path, num_threads=cfg.num_threads)
   tok.check(vocab_size, num_real_tokens=num_real_tokens)
-  return _rows(cfg, tok, process_index=process_index, process_count=process_count, num_epochs=1,
-               shuffle=False), tok
+  return rows(cfg, tok, process_index=process_index, process_count=process_count, num_epochs=1,
+              shuffle=False), tok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,7 +450,7 @@ class OfflineIterator(Iterator[dict[str, np.ndarray]]):
     if saved is not None and saved != self._fingerprint:
       diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
       raise DataError(f"offline iterator state was saved by a different pipeline; (saved, now): {diff}")
-    self._it.set_state(_from_json(state["grain"]))
+    self._it.set_state(from_json(state["grain"]))
 
 
 def make_offline_iterator(paths: str | Sequence[str], *, global_batch: int, seq_len: int, seed: int = 0,

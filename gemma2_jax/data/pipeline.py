@@ -50,7 +50,7 @@ import numpy as np
 
 from gemma2_jax.data import chat
 from gemma2_jax.data.config import DataConfig
-from gemma2_jax.data.sources import STATS, ArrayRecordTokensSource, DataError, _note, open_source
+from gemma2_jax.data.sources import STATS, ArrayRecordTokensSource, DataError, note, open_source
 from gemma2_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from gemma2_jax.paths import as_path
 
@@ -169,12 +169,12 @@ class _TokenizeChunk(grain.transforms.Map):
         fitted = chat.fit(ids, weights, cuts, self._max_len)
         first = conv.turns[0][1][:40].replace("\n", " ")
         if fitted is None:
-          _note("long_chats_skipped", f"source {self._label!r}: a conversation of {n} tokens whose "
-                f"prompt alone fills a row of {self._max_len} is skipped ({first!r}...)")
+          note("long_chats_skipped", f"source {self._label!r}: a conversation of {n} tokens whose "
+               f"prompt alone fills a row of {self._max_len} is skipped ({first!r}...)")
           continue
         ids, weights = fitted
-        _note("long_chats", f"source {self._label!r}: a conversation of {n} tokens is longer than "
-              f"a row of {self._max_len}; cut to {len(ids)} ({first!r}...)")
+        note("long_chats", f"source {self._label!r}: a conversation of {n} tokens is longer than "
+             f"a row of {self._max_len}; cut to {len(ids)} ({first!r}...)")
       out.append({"tokens": ids, "weights": weights})
     return out
 
@@ -274,8 +274,8 @@ def _check_prepared(src, tok: Tokenizer, label: str) -> None:
                     f"(sha256 {tok.sha256[:12]}); re-run prepare_data")
 
 
-def _rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: int,
-          num_epochs: int | None, shuffle: bool) -> grain.IterDataset:
+def rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: int,
+         num_epochs: int | None, shuffle: bool) -> grain.IterDataset:
   """Packed rows {"tokens", "tokens_segment_ids", "tokens_positions"} [T+1], mixed; with any chat
   source every row also has "weights" [T+1] (see the module docstring)."""
   any_chat = any(sc.chat for sc in cfg.sources)
@@ -406,7 +406,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
       diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
       raise DataError(f"data iterator state was saved by a different pipeline; (saved, now): "
                       f"{diff}")
-    self._it.set_state(_from_json(state["grain"]))
+    self._it.set_state(from_json(state["grain"]))
     self._count = int(state["count"])
     self._done = bool(state["done"])
 
@@ -415,12 +415,12 @@ def _jsonable(x):
   return json.loads(json.dumps(x))
 
 
-def _from_json(x):
+def from_json(x):
   """grain compares restored slices against tuples; JSON gave lists back."""
   if isinstance(x, dict):
-    return {k: _from_json(v) for k, v in x.items()}
+    return {k: from_json(v) for k, v in x.items()}
   if isinstance(x, list):
-    return tuple(_from_json(v) for v in x)
+    return tuple(from_json(v) for v in x)
   return x
 
 
@@ -440,8 +440,8 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
   batch = cfg.global_batch // process_count
   tok = Tokenizer(tokenizer_path, num_threads=cfg.num_threads)
   tok.check(vocab_size, num_real_tokens=num_real_tokens)
-  ds = _rows(cfg, tok, process_index=process_index, process_count=process_count,
-             num_epochs=num_epochs, shuffle=shuffle)
+  ds = rows(cfg, tok, process_index=process_index, process_count=process_count,
+            num_epochs=num_epochs, shuffle=shuffle)
   ds = ds.batch(batch, drop_remainder=drop_remainder)
   ds = ds.map(_ToModelBatch(tok.piece_bytes()))
   if cfg.num_workers > 0:

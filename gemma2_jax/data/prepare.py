@@ -1,5 +1,6 @@
 """Corpus -> ArrayRecord shards of SentencePiece ids (tokenize once, train many times), and a
-small SentencePiece trainer. CLI: `python -m gemma2_jax.prepare_data {tokenize,train-tokenizer}`.
+small SentencePiece trainer (`train_corpus_tokenizer`). CLI: `python -m gemma2_jax.prepare_data
+{tokenize,train-tokenizer}` (gemma2_jax/cli/prepare_data.py).
 
 Records hold one document each as little-endian int32 ids *without* <bos>/<eos> (the pipeline adds
 them per DataConfig). `meta.json` beside the shards records the tokenizer hash and the summary.
@@ -15,17 +16,14 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-from gemma2_jax.cli.common import ArgumentParser
 from gemma2_jax.data.chat import Conversation
 from gemma2_jax.data.config import SourceConfig
 from gemma2_jax.data.sources import STATS, DataError, open_source
-from gemma2_jax.data.tokenizer import MIN_VOCAB_SIZE
 from gemma2_jax.paths import is_remote
 
 # group_size:1 keeps every record independently readable: random access for global shuffling.
@@ -179,74 +177,20 @@ def _dump_text(source: SourceConfig, path: str, max_docs: int) -> int:
   return n
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = ArgumentParser(prog="python -m gemma2_jax.prepare_data", description=__doc__)
-  sub = p.add_subparsers(dest="cmd", required=True)
-  for cmd in ("tokenize", "train-tokenizer"):
-    s = sub.add_parser(cmd)
-    s.add_argument("--input", nargs="+", required=True, help="files, dirs or globs")
-    s.add_argument("--format", default="auto", help="auto|text|jsonl|parquet")
-    s.add_argument("--text_field", default="text")
-    s.add_argument("--doc_per", default="line", help="text: line|file")
-    s.add_argument("--chat", action="store_true",
-                   help="conversations (messages, or prompt + response/completion); see data.chat")
-  t = sub.choices["tokenize"]
-  t.add_argument("--tokenizer", required=True)
-  t.add_argument("--output_dir", required=True)
-  t.add_argument("--name", default="data")
-  t.add_argument("--num_shards", type=int)
-  t.add_argument("--num_workers", type=int)
-  t.add_argument("--bad_utf8", default="replace", choices=("replace", "fail"))
-  t.add_argument("--bad_records", default="skip", choices=("skip", "fail"))
-  t.add_argument("--no_progress", action="store_true")
-  r = sub.choices["train-tokenizer"]
-  r.add_argument("--model_prefix", required=True)
-  r.add_argument("--vocab_size", type=int, required=True)
-  r.add_argument("--character_coverage", type=float, default=0.9995)
-  r.add_argument("--max_docs", type=int, default=1_000_000)
-  a = p.parse_args(argv)
-  for name in ("num_shards", "num_workers", "max_docs"):
-    if getattr(a, name, None) is not None and getattr(a, name) < 1:
-      p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
-  if a.cmd == "train-tokenizer":
-    if a.vocab_size < MIN_VOCAB_SIZE:
-      p.error(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (4 special ids, 2 chat turn markers, "
-              f"256 byte-fallback pieces and the corpus's characters), got {a.vocab_size}")
-    if not 0 < a.character_coverage <= 1:
-      p.error(f"--character_coverage must be in (0, 1], got {a.character_coverage}")
-  try:
-    sc = SourceConfig(paths=tuple(a.input), format=a.format, text_field=a.text_field,
-                      doc_per=a.doc_per, chat=a.chat)
-  except ValueError as e:  # e.g. --chat with --format text
-    p.error(str(e))
-  try:
-    if a.cmd == "tokenize":
-      s = tokenize_corpus(sc, a.tokenizer, a.output_dir, num_shards=a.num_shards,
-                          num_workers=a.num_workers, bad_utf8=a.bad_utf8,
-                          bad_records=a.bad_records, name=a.name, progress=not a.no_progress)
-      print("\n".join(s.lines()))
-      print(f"wrote {a.output_dir}/meta.json")
+def train_corpus_tokenizer(source: SourceConfig, model_prefix: str, *, vocab_size: int,
+                           character_coverage: float = 0.9995, max_docs: int = 1_000_000) -> str:
+  """Trains a SentencePiece model with Gemma's conventions (`tokenizer.train_tokenizer`) on the
+  documents of `source` and returns its path: text files of one document a line as they are, any
+  other source through a dump of up to `max_docs` of its documents (a conversation: its turns' text)."""
+  from gemma2_jax.data.sources import expand_paths, infer_format
+  from gemma2_jax.data.tokenizer import train_tokenizer
+
+  with tempfile.TemporaryDirectory() as tmp:
+    fmt = source.format if source.format != "auto" else infer_format(expand_paths(source.paths))
+    if fmt == "text" and source.doc_per == "line" and not source.chat:
+      inputs = list(source.paths)  # the trainer reads lines itself
     else:
-      from gemma2_jax.data.tokenizer import Tokenizer, train_tokenizer
-
-      with tempfile.TemporaryDirectory() as tmp:
-        from gemma2_jax.data.sources import expand_paths, infer_format
-
-        fmt = sc.format if sc.format != "auto" else infer_format(expand_paths(sc.paths))
-        if fmt == "text" and sc.doc_per == "line" and not sc.chat:
-          inputs = list(a.input)  # the trainer reads lines itself
-        else:
-          inputs = [os.path.join(tmp, "corpus.txt")]
-          _dump_text(sc, inputs[0], a.max_docs)
-        path = train_tokenizer(inputs, a.model_prefix, vocab_size=a.vocab_size,
-                               character_coverage=a.character_coverage)
-      print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces)")
-  except DataError as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  except OSError as e:  # e.g. an output path that cannot be created or written
-    where = " ".join(str(f) for f in (e.filename, e.filename2) if f) or a.cmd
-    print(f"error: {e.strerror or e}: {where} (check the input and output paths)", file=sys.stderr)
-    return 2
-  return 0
-
+      inputs = [os.path.join(tmp, "corpus.txt")]
+      _dump_text(source, inputs[0], max_docs)
+    return train_tokenizer(inputs, model_prefix, vocab_size=vocab_size,
+                           character_coverage=character_coverage)

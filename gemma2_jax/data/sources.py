@@ -23,6 +23,7 @@ import numpy as np
 from gemma2_jax import paths
 from gemma2_jax.data.chat import RESPONSE_FIELDS, ChatError, Conversation, conversation
 from gemma2_jax.data.config import SourceConfig
+from gemma2_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,12 @@ STATS: collections.Counter = collections.Counter()
 _LOG_FIRST = 10  # log each kind of problem for the first few occurrences, then every 1000th
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad data or configuration; the message is one line naming the file (and line) at fault."""
 
 
-def _note(kind: str, msg: str) -> None:
+def note(kind: str, msg: str) -> None:
+  """Counts a problem that was repaired or skipped in STATS; logs the first few of each kind."""
   STATS[kind] += 1
   n = STATS[kind]
   if n <= _LOG_FIRST or n % 1000 == 0:
@@ -118,7 +120,7 @@ def decode_utf8(raw: bytes, where: str, bad_utf8: str) -> str:
     if bad_utf8 == "fail":
       raise DataError(f"{where}: invalid UTF-8 at byte {e.start} (set bad_utf8='replace' to "
                       "repair)") from None
-    _note("bad_utf8", f"{where}: invalid UTF-8 at byte {e.start}, replaced with U+FFFD")
+    note("bad_utf8", f"{where}: invalid UTF-8 at byte {e.start}, replaced with U+FFFD")
     return raw.decode("utf-8", errors="replace")
 
 
@@ -273,7 +275,7 @@ class LinesSource:
     where = self.where(i)
     if self._bad_records == "fail":
       raise DataError(f"{where}: {msg} (set bad_records='skip' to skip and count)")
-    _note("bad_records", f"{where}: {msg}; skipped")
+    note("bad_records", f"{where}: {msg}; skipped")
     return None
 
 
@@ -419,7 +421,7 @@ class ParquetSource:
   def _bad(self, msg: str) -> None:
     if self._bad_records == "fail":
       raise DataError(msg)
-    _note("bad_records", msg + "; skipped")
+    note("bad_records", msg + "; skipped")
     return None
 
 

@@ -18,6 +18,7 @@ from gemma2_jax.data.chat import END_OF_TURN, START_OF_TURN
 from gemma2_jax.data.sources import DataError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+END_OF_TURN_ID = 107  # Gemma's `<end_of_turn>`; a custom tokenizer's id comes from the tokenizer.
 # Models may pad the embedding past the tokenizer (Gemma: 256000 pieces, 256128 rows); a bigger gap
 # is taken as a tokenizer that belongs to another model.
 MAX_PADDING_ROWS = 256

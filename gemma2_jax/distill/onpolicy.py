@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma2_jax.inference.sampler import BOS_ID, EOS_ID, PAD_ID, SamplingConfig, sample_tokens
+from gemma2_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from gemma2_jax.inference.sampler import SamplingConfig, sample_tokens
 from gemma2_jax.model.config import ModelConfig
 
 # Folded into the step's key for the per-step coin (rows use their index, which is < 2**31).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gemma2_jax import checkpoint
 from gemma2_jax.distill.config import TeacherConfig
-from gemma2_jax.model.config import ModelConfig, get_preset
+from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import LOGICAL_AXES
 from gemma2_jax.parallel.sharding import logical_to_sharding, normalize_rules
 
@@ -32,16 +32,8 @@ def teacher_shardings(teacher: TeacherConfig, student_rules, mesh) -> dict:
   return logical_to_sharding(LOGICAL_AXES, mesh, normalize_rules(teacher.sharding_rules or student_rules))
 
 
-def teacher_model_config(teacher: TeacherConfig, student: ModelConfig) -> ModelConfig:
-  """The teacher's runtime config without reading weights: a preset, or its checkpoint's config."""
-  cfg = get_preset(teacher.preset) if teacher.preset else checkpoint.read_config(teacher.checkpoint)
-  return teacher_runtime_config(teacher, student, cfg)
-
-
-def load_teacher(teacher: TeacherConfig, student: ModelConfig, student_rules,
-                 mesh) -> tuple[ModelConfig, dict]:
-  """The frozen teacher: config from its checkpoint, each process reading only its shards."""
-  cfg = teacher_model_config(teacher, student)
+def load_teacher(teacher: TeacherConfig, cfg: ModelConfig, student_rules, mesh) -> dict:
+  """The frozen teacher's params (runtime config `cfg`), each process reading only its shards."""
   _, params = checkpoint.load_sharded(teacher.checkpoint, teacher.dtype,
                                       teacher_shardings(teacher, student_rules, mesh), config=cfg)
-  return cfg, params
+  return params

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma2_jax.data.chat import END_OF_TURN, prompt_ids
+from gemma2_jax.data.tokenizer import EOS_ID, PAD_ID
+from gemma2_jax.errors import UserError
 from gemma2_jax.model.attention import attention_cached
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import (
@@ -42,8 +44,6 @@ from gemma2_jax.model.transformer import (
 )
 from gemma2_jax.parallel.sharding import constrain, constrain_tree, current_platform
 
-PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
-END_OF_TURN_ID = 107  # Gemma's `<end_of_turn>`; a custom tokenizer's id comes from the tokenizer.
 MIN_BUCKET = 16
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -163,7 +163,7 @@ def sample_logits(cfg: ModelConfig, logits_BV, keys_B, sampling: SamplingConfig)
   return tokens_B, jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
 
 
-def _cache_sizes(cfg: ModelConfig, prompt_len: int, sampling: SamplingConfig) -> tuple[int, int]:
+def cache_sizes(cfg: ModelConfig, prompt_len: int, sampling: SamplingConfig) -> tuple[int, int]:
   S = prompt_len + sampling.max_new_tokens
   return min(cfg.sliding_window, S), S
 
@@ -180,7 +180,7 @@ def prefill(cfg: ModelConfig, params: dict, tokens_BT, pad_B, keys_B,
             sampling: SamplingConfig) -> DecodeState:
   """Runs the left-padded prompts [B, T] in one pass and builds the cache; nothing sampled yet."""
   B, T = tokens_BT.shape
-  W, S = _cache_sizes(cfg, T, sampling)
+  W, S = cache_sizes(cfg, T, sampling)
   cache_dtype = jnp.dtype(sampling.cache_dtype)
   time_T = jnp.arange(T, dtype=jnp.int32)
   real_BT = time_T[None, :] >= pad_B[:, None]
@@ -348,8 +348,8 @@ class Sampler:
       self._ctx = functools.partial(activation_sharding, mesh, self.rules)
       self.row_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(ROW_AXES, self.rules))
       self.rows_multiple = batch_shards(self.row_sharding)
-    self._prefill = jax.jit(_prefill_rows, static_argnums=(0, 6))
-    self._decode = jax.jit(decode, static_argnums=(0, 3), donate_argnums=2)
+    self.prefill_fn = jax.jit(_prefill_rows, static_argnums=(0, 6))
+    self.decode_fn = jax.jit(decode, static_argnums=(0, 3), donate_argnums=2)
 
   def _rows(self, x: np.ndarray):
     if self.row_sharding is None:
@@ -374,13 +374,13 @@ class Sampler:
     rows += [rows[0]] * (len(prompts) - n)
     tokens_BT, pad_B = left_pad(prompts)
     with self._ctx():
-      return self._prefill(self.cfg, self.params, self._rows(tokens_BT), self._rows(pad_B),
+      return self.prefill_fn(self.cfg, self.params, self._rows(tokens_BT), self._rows(pad_B),
                            np.uint32(seed), self._rows(np.asarray(rows, np.uint32)), sampling)
 
   def continue_(self, state: DecodeState, sampling: SamplingConfig, until: int | None = None):
     """Decodes on (the state is donated): to max_new_tokens, or `until` tokens in total."""
     with self._ctx():
-      return self._decode(self.cfg, self.params, state, sampling,
+      return self.decode_fn(self.cfg, self.params, state, sampling,
                           jnp.asarray(sampling.max_new_tokens if until is None else until))
 
   def __call__(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed: int = 0,
@@ -406,7 +406,7 @@ def results(state: DecodeState, n: int) -> list[SampleResult]:
           for i in range(n)]
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
   """A prompt or tokenizer that cannot be sampled from as asked."""
 
 

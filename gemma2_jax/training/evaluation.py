@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
+
+from gemma2_jax.errors import UserError
 
 EVAL_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "target_bytes")
 
 
+class EvalError(UserError):
+  """Bad evaluation input found after parsing (e.g. data with no tokens)."""
 
 
 def run_eval(eval_step, params, batches, to_global, *, max_batches: int | None = None,
@@ -34,3 +39,72 @@ def metrics(totals: dict) -> dict:
           "eval_accuracy": float(totals["correct"]) / weight,
           "eval_bits_per_byte": nll / math.log(2) / max(float(totals["bytes"]), 1.0),
           "eval_tokens": int(tokens)}
+
+
+def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | None = None,
+                        data_format: str = "auto", text_field: str = "text", seq_len: int = 1024,
+                        batch: int = 8, max_batches: int | None = None, dtype: str = "auto",
+                        mesh: str = "data=-1", loss_chunk: int = 1024, progress: bool = True) -> dict:
+  """`run_eval`'s metrics of a checkpoint (HF, Kaggle, native or a training workdir) on the corpus of
+  the comma-separated globs `data`: one deterministic pass of packed rows of `seq_len`, `batch` rows
+  a step over the mesh `mesh` (as `sample --mesh`). Every process of the job calls it.
+
+  The tokenizer defaults to the checkpoint's (`inference.prompts.default_tokenizer`); `dtype` is
+  `sample --dtype`'s. Data with no tokens is an EvalError.
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from tqdm import tqdm
+
+  from gemma2_jax import checkpoint
+  from gemma2_jax.inference.generation import dtype_for, make_sampler_mesh
+  from gemma2_jax.inference.prompts import default_tokenizer
+  from gemma2_jax.model.transformer import LOGICAL_AXES
+  from gemma2_jax.parallel.sharding import (
+    DEFAULT_RULES,
+    activation_sharding,
+    host_to_global,
+    logical_to_sharding,
+    logical_to_spec,
+  )
+  from gemma2_jax.training.steps import make_eval_step
+
+  checkpoint.detect_format(checkpoint_path)
+  tokenizer = tokenizer or default_tokenizer(checkpoint_path)
+  cfg = checkpoint.read_config(checkpoint_path)
+  device_mesh = make_sampler_mesh(mesh, cfg)
+  batch_sharding = NamedSharding(device_mesh, logical_to_spec(("batch", "length"), DEFAULT_RULES))
+  batches = _eval_batches(data, data_format, text_field, seq_len, batch, max_batches, batch_sharding,
+                          tokenizer, cfg)
+  dtype = dtype_for(dtype)
+  param_shardings = logical_to_sharding(LOGICAL_AXES, device_mesh, DEFAULT_RULES)
+  cfg, params = checkpoint.load_sharded(checkpoint_path, dtype, param_shardings, config=cfg)
+  cfg = cfg.replace(dtype=dtype)
+  step = jax.jit(make_eval_step(cfg, chunk=min(loss_chunk, seq_len)),
+                 in_shardings=(param_shardings, batch_sharding),
+                 out_shardings=NamedSharding(device_mesh, PartitionSpec()))
+  bar = tqdm(total=max_batches, desc="evaluate", unit="batch", file=sys.stderr,
+             disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+  with activation_sharding(device_mesh, DEFAULT_RULES), bar:
+    result = run_eval(step, params, batches,
+                      lambda b: {k: host_to_global(v, batch_sharding) for k, v in b.items()},
+                      max_batches=max_batches, progress=bar)
+  if result["eval_tokens"] == 0:
+    raise EvalError(f"no tokens to evaluate in {data}")
+  return result
+
+
+def _eval_batches(data: str, data_format: str, text_field: str, seq_len: int, batch: int,
+                  max_batches: int | None, batch_sharding, tokenizer: str, cfg):
+  """This process's host batches of the corpus: its data group's rows of each global batch."""
+  from gemma2_jax.data.config import DataConfig, SourceConfig
+  from gemma2_jax.data.pipeline import make_eval_iterator
+  from gemma2_jax.parallel.sharding import data_group
+
+  config = DataConfig(sources=(SourceConfig(paths=tuple(data.split(",")), format=data_format,
+                                            text_field=text_field),),
+                      seq_len=seq_len, global_batch=batch, shuffle=False, num_epochs=1)
+  group = data_group(batch_sharding, batch)
+  return make_eval_iterator(config, process_index=group.index, process_count=group.count,
+                            tokenizer_path=tokenizer, vocab_size=cfg.vocab_size,
+                            num_real_tokens=cfg.num_real_tokens, num_batches=max_batches)

@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 from gemma2_jax.checkpoint.manager import CheckpointConfig
 from gemma2_jax.data.config import DataConfig
 from gemma2_jax.distill.config import DistillConfig, TeacherConfig
+from gemma2_jax.errors import UserError
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, normalize_rules, resolve_mesh_shape
 from gemma2_jax.training.optim import OptimizerConfig
@@ -24,7 +25,7 @@ TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "i
              "teacher", "distill")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   pass
 
 

@@ -7,30 +7,26 @@ import json
 import os
 import signal
 import threading
-import time
 
 import jax
 
 from gemma2_jax import checkpoint, paths
-from gemma2_jax.checkpoint.export import export_hf
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
-from gemma2_jax.distill import onpolicy
-from gemma2_jax.distill.teacher import load_teacher
+from gemma2_jax.errors import UserError
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.parallel.sharding import (
   activation_sharding,
   data_group,
   make_mesh,
 )
-from gemma2_jax.training import flops
+from gemma2_jax.training import flops, modes, programs
 from gemma2_jax.training.experiment import Experiment, dataclass_defaults
-from gemma2_jax.training.metrics import MetricsWriter
-from gemma2_jax.training.optim import make_optimizer
-from gemma2_jax.training.state import TrainState, abstract_state, init_state, state_shardings, to_global
-from gemma2_jax.training.steps import BATCH_KEYS, ONPOLICY_SUMS, TOPK_KEYS, make_eval_step, make_train_step
+from gemma2_jax.training.hooks import Checkpointer, Evaluator, HFExport, MetricsLogger, Profiler
+from gemma2_jax.training.state import TrainState, abstract_state, init_state, to_global
+from gemma2_jax.training.steps import ONPOLICY_SUMS
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
   pass
 
 
@@ -41,48 +37,23 @@ class Trainer:
     if exp.init_from:
       # A wrong path, or a checkpoint of another model, fails here, before the workdir is touched.
       checkpoint.check_config(exp.init_from, exp.model, what="init_from")
+    self.mode = modes.for_experiment(exp)
     self.mesh = make_mesh(exp.mesh)
-    self.tx, self.schedule = make_optimizer(exp.optimizer, exp.train.steps)
-    self.sh = state_shardings(exp, self.mesh, self.tx)
+    self.train_step = programs.train_program(exp, self.mode, self.mesh)
+    self.eval_step = programs.trainer_eval_program(exp, self.mesh)
+    self.tx, self.sh = self.train_step.tx, self.train_step.shardings
     # Processes whose devices address the same batch rows read the same data shard.
-    group = data_group(self.sh.batch, exp.train.global_batch)
-    data_kw = dict(tokenizer_path=exp.tokenizer, vocab_size=exp.model.vocab_size,
-                   num_real_tokens=exp.model.num_real_tokens)
-    self.data_kw = data_kw
-    self.batch_keys = BATCH_KEYS
-    if exp.distill_mode == "offline":
-      from gemma2_jax.data.offline import make_offline_iterator
-      d = exp.data_train
-      self.train_iter = make_offline_iterator(exp.offline_paths, global_batch=d.global_batch,
-                                              seq_len=d.seq_len, seed=d.seed, shuffle=d.shuffle,
-                                              num_epochs=d.num_epochs, process_index=group.index,
-                                              process_count=group.count)
-      self.batch_keys = BATCH_KEYS + TOPK_KEYS
-    else:
-      from gemma2_jax.data.pipeline import make_train_iterator
-      self.train_iter = make_train_iterator(exp.data_train, process_index=group.index,
-                                            process_count=group.count, **data_kw)
-    self.teacher_cfg = self.teacher_params = None
-    teacher_sharding = None
-    if exp.distill_mode == "online":
-      self.teacher_cfg, self.teacher_params = load_teacher(exp.teacher, exp.model, exp.rules, self.mesh)
-      teacher_sharding = jax.tree.map(lambda x: x.sharding, self.teacher_params)
-    step_kw = {}
-    if exp.distill is not None and exp.distill.onpolicy_lambda:
-      # The student's samples end at the tokenizer's stop tokens.
-      step_kw["stop_tokens"] = onpolicy.stop_tokens_for(exp.tokenizer)
-    with self._sharding_ctx():
-      self.train_step = jax.jit(make_train_step(exp, self.tx, self.schedule, self.teacher_cfg,
-                                                **step_kw),
-                                in_shardings=(self.sh.state, self.sh.batch, teacher_sharding),
-                                out_shardings=(self.sh.state, self.sh.replicated),
-                                donate_argnums=0)
-      self.eval_step = jax.jit(make_eval_step(exp.model, chunk=exp.train.loss_chunk,
-                                              micro_batches=exp.train.grad_accum_steps),
-                               in_shardings=(self.sh.state.params, self.sh.batch),
-                               out_shardings=self.sh.replicated)
+    self.train_iter = self.mode.train_iterator(data_group(self.sh.batch, exp.train.global_batch))
+    self.batch_keys = self.mode.batch.keys
+    self.data_kw = dict(tokenizer_path=exp.tokenizer, vocab_size=exp.model.vocab_size,
+                        num_real_tokens=exp.model.num_real_tokens)
+    self.teacher_params = self.mode.load_teacher(self.mesh)
     self.flops_per_token = flops.train_flops_per_token(exp.model, exp.train.seq_len)
     self.peak = flops.peak_flops_per_device(exp.train.peak_tflops_per_device * 1e12)
+
+  def global_batch(self, host_batch: dict) -> dict:
+    """This process's rows -> the train program's global batch (the mode's keys and dtypes)."""
+    return to_global(self.mode.batch.host(host_batch), self.sh)
 
   def _sharding_ctx(self):
     return activation_sharding(self.mesh, self.exp.rules)
@@ -147,9 +118,10 @@ class Trainer:
     return ckpt.restore(step, abstract_state(self.exp, self.tx, self.sh), self.train_iter)
 
   def run(self) -> dict:
-    exp, tcfg = self.exp, self.exp.train
+    """Trains from where restore_or_init starts to train.steps; returns the summary: start_step, then
+    preempted_at_step, or the last logged metrics, the final eval's metrics and hf_export."""
     self._check_workdir()
-    ckpt = TrainCheckpointer(self.workdir, exp.checkpoint)
+    ckpt = TrainCheckpointer(self.workdir, self.exp.checkpoint)
     try:
       state = self.restore_or_init(ckpt)
     except BaseException:
@@ -157,106 +129,63 @@ class Trainer:
       self._stop_data()
       raise
     start = int(jax.device_get(state.step))
-    config_json = exp.to_json_dict()
-    writer = MetricsWriter(self.workdir)
-    tokens_per_step = tcfg.global_batch * tcfg.seq_len
-    bar = None
-    if tcfg.progress_bar and jax.process_index() == 0:
-      from tqdm import tqdm
-      bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    pending, last, summary, skipped = None, {}, {"start_step": start}, 0
-    window_start, window_steps = None, 0
-    gen_window = dict.fromkeys(ONPOLICY_SUMS, 0.0)  # on-policy sums over the timed steps
+    logger = MetricsLogger(self.workdir, self.exp.train, start=start, flops_per_token=self.flops_per_token,
+                           peak=self.peak, onpolicy_sums=ONPOLICY_SUMS, check_finite=self._check_finite)
     with _stop_signals() as preempted:
       try:
-        for step in range(start, tcfg.steps + 1):
-          if step < tcfg.steps:
-            if step == tcfg.profile_start:
-              jax.profiler.start_trace(str(self.workdir / "profile"))
-            batch = next(self.train_iter)
-            with self._sharding_ctx():
-              state, metrics = self.train_step(
-                state, to_global({k: batch[k] for k in self.batch_keys}, self.sh), self.teacher_params)
-            if tcfg.profile_start >= 0 and step == tcfg.profile_start + tcfg.profile_steps - 1:
-              jax.block_until_ready(state)
-              jax.profiler.stop_trace()
-          # Step N's metrics are read only after step N+1 is dispatched: the device never waits.
-          if pending is not None:
-            done_step, done_metrics = pending
-            m = jax.device_get(done_metrics)
-            now = time.perf_counter()
-            skipped += self._check_finite(m, done_step)
-            if window_start is None:  # the first step includes compilation: not timed
-              window_start, window_steps = now, 0
-            else:
-              window_steps += 1
-              for k in gen_window:
-                gen_window[k] += float(m.get(k, 0.0))
-            if (done_step + 1) % tcfg.log_every == 0 or done_step + 1 == tcfg.steps:
-              last = {k: float(v) for k, v in m.items() if k not in ("finite", *ONPOLICY_SUMS)}
-              if "gen_rows" in m:
-                g = gen_window if window_steps else {k: float(m[k]) for k in ONPOLICY_SUMS}
-                last["onpolicy_fraction"] = g["gen_rows"] / max(g["rows"], 1.0)
-                last["gen_length_mean"] = g["gen_tokens"] / max(g["gen_rows"], 1.0)
-                if window_steps:
-                  last["gen_tokens_per_s"] = g["gen_tokens"] / (now - window_start)
-                gen_window = dict.fromkeys(ONPOLICY_SUMS, 0.0)
-              if window_steps:
-                dt = (now - window_start) / window_steps
-                last["step_time_s"] = dt
-                last["tokens_per_s"] = tokens_per_step / dt
-                achieved = self.flops_per_token * tokens_per_step / dt / jax.device_count()
-                last["tflops_per_device"] = achieved / 1e12
-                if self.peak:
-                  last["mfu"] = achieved / self.peak
-                window_start, window_steps = now, 0
-              last["skipped_steps"] = skipped
-              writer.write(done_step + 1, last)
-              if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}",
-                                tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
-            if bar is not None:
-              bar.update(1)
-            if tcfg.eval_every and exp.data_eval and (done_step + 1) % tcfg.eval_every == 0 and (
-                done_step + 1) < tcfg.steps:
-              writer.write(done_step + 1, self.evaluate(state.params))
-          pending = (step, metrics) if step < tcfg.steps else None
-          if step == tcfg.steps:
-            break
-          done = step + 1  # `state` is now the state after `done` steps
-          every = exp.checkpoint.save_every
-          if preempted() or ckpt.reached_preemption(done):
-            # Only a state whose update was finite is saved (read its metrics now, once).
-            self._check_finite(jax.device_get(metrics), step)
-            ckpt.save(done, state, self.train_iter, config_json, force=True)
-            ckpt.wait()
-            summary["preempted_at_step"] = done
-            break
-          if every and done % every == 0 and done < tcfg.steps:
-            self._check_finite(jax.device_get(metrics), step)
-            ckpt.save(done, state, self.train_iter, config_json)
-        if "preempted_at_step" not in summary:
-          if ckpt.latest_step() != tcfg.steps:
-            ckpt.save(tcfg.steps, state, self.train_iter, config_json, force=True)
-          ckpt.wait()
-          summary.update(last)
-          if exp.data_eval is not None:
-            ev = self.evaluate(state.params)
-            writer.write(tcfg.steps, ev)
-            summary.update(ev)
-          if exp.checkpoint.export_hf:
-            summary["hf_export"] = str(
-              export_hf(state.params, exp.model, self.workdir / f"hf_step{tcfg.steps}"))
+        state, summary = self._train(state, start, ckpt, logger, preempted)
       except BaseException:
         self._stop_data()  # its reader threads would log on after the error line
         raise
       finally:
-        if bar is not None:
-          bar.close()
-        writer.close()
+        logger.close()
         ckpt.close()
     self.state = state
     return summary
+
+  def _train(self, state, start: int, ckpt: TrainCheckpointer, logger: MetricsLogger,
+             preempted) -> tuple[TrainState, dict]:
+    """The steps from `start`, then (unless preempted) the final save, the final eval and the export."""
+    exp, tcfg = self.exp, self.exp.train
+    profiler = Profiler(str(self.workdir / "profile"), tcfg.profile_start, tcfg.profile_steps)
+    evaluator = Evaluator(self.evaluate, logger.writer, every=tcfg.eval_every, steps=tcfg.steps,
+                          enabled=exp.data_eval is not None)
+    saver = Checkpointer(ckpt, self.train_iter, exp.to_json_dict(), save_every=exp.checkpoint.save_every,
+                         steps=tcfg.steps, stop_requested=preempted, check_finite=self._check_finite)
+    export = HFExport(self.workdir, exp.model, steps=tcfg.steps, enabled=bool(exp.checkpoint.export_hf))
+    summary, late = {"start_step": start}, None
+    dispatched = self._steps(state, start, profiler)
+    for step, state, metrics in dispatched:
+      # Step N's metrics are read only after step N+1 is dispatched: the device never waits.
+      if late is not None:
+        logger(*late)
+        # `state` is already a step past `late`: a periodic eval sees the params one step later.
+        evaluator(late[0] + 1, state.params)
+      late = (step, metrics)
+      if saver(step + 1, state, metrics):
+        summary["preempted_at_step"] = step + 1
+        return state, summary
+    if late is not None:
+      logger(*late)  # the last step (no periodic eval there: the final eval follows)
+    saver.final(state)
+    summary.update(logger.last)
+    summary.update(evaluator.final(state.params))
+    summary.update(export(state.params))
+    return state, summary
+
+  def _steps(self, state, start: int, profiler: Profiler):
+    """Dispatches steps start .. train.steps-1; yields (step, the state after it, its unread metrics)."""
+    for step in range(start, self.exp.train.steps):
+      profiler.before(step)
+      state, metrics = self._dispatch(state, next(self.train_iter))
+      profiler.after(step, state)
+      yield step, state, metrics
+
+  def _dispatch(self, state, batch: dict):
+    """One train step on a host batch, dispatched, not waited for: (new state, metrics on device)."""
+    with self._sharding_ctx():
+      return self.train_step(state, to_global({k: batch[k] for k in self.batch_keys}, self.sh),
+                             self.teacher_params)
 
   def _stop_data(self):
     """Stops and joins the train data pipeline's threads (so an error is the last line printed)."""

@@ -10,62 +10,10 @@ import optax
 
 from gemma2_jax.distill import onpolicy
 from gemma2_jax.distill.config import distill_schedule
-from gemma2_jax.inference.sampler import END_OF_TURN_ID, EOS_ID
-from gemma2_jax.model.config import ModelConfig
-from gemma2_jax.model.losses import cross_entropy_sums, distill_sums, topk_distill_sums
-from gemma2_jax.model.transformer import forward_hidden
 from gemma2_jax.training.experiment import Experiment
+from gemma2_jax.training.modes import METRIC_NAMES, ONPOLICY_SUMS, Mode, loss_sums
 from gemma2_jax.training.optim import global_norm
 from gemma2_jax.training.state import TrainState
-
-BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-
-
-# Per-step sums of on-policy steps (rows with a response, rows the student answered, tokens it wrote).
-ONPOLICY_SUMS = ("rows", "gen_rows", "gen_tokens")
-
-
-TOPK_KEYS = ("topk_logprobs", "topk_ids")
-
-
-def loss_sums(model_cfg: ModelConfig, params: dict, batch: dict, *, chunk: int, z_loss: float):
-  hidden_BTD = forward_hidden(model_cfg, params, batch["tokens"], batch["positions"],
-                              batch["segment_ids"])
-  return cross_entropy_sums(model_cfg, params["embedder"]["input_embedding"], hidden_BTD,
-                            batch["targets"], batch["loss_mask"], chunk_size=chunk, z_loss=z_loss)
-
-
-def make_objective(exp: Experiment, teacher_cfg: ModelConfig | None = None):
-  """(params, batch, teacher_params, step) -> (scalar to differentiate, weighted sums).
-
-  One function for the three modes: cross-entropy, online distillation (the frozen teacher's forward
-  runs here, under stop_gradient) and offline distillation from stored top-k teacher log-probs.
-  """
-  model_cfg, tcfg, mode = exp.model, exp.train, exp.distill_mode
-
-  def objective(params, batch, teacher_params, step):
-    if mode == "ce":
-      sums = loss_sums(model_cfg, params, batch, chunk=tcfg.loss_chunk, z_loss=tcfg.z_loss)
-      return sums["nll"] + sums.get("z_loss", 0.0), sums
-    alpha, temperature = distill_schedule(exp.distill, step)
-    kw = dict(loss=exp.distill.loss, beta=exp.distill.beta, temperature=temperature, alpha=alpha,
-              chunk_size=tcfg.loss_chunk, z_loss=tcfg.z_loss)
-    hidden_BTD = forward_hidden(model_cfg, params, batch["tokens"], batch["positions"],
-                                batch["segment_ids"])
-    embedding_VD = params["embedder"]["input_embedding"]
-    if mode == "online":
-      teacher_params = jax.lax.stop_gradient(teacher_params)
-      teacher_hidden_BTD = forward_hidden(teacher_cfg, teacher_params, batch["tokens"],
-                                          batch["positions"], batch["segment_ids"])
-      sums = distill_sums(model_cfg, embedding_VD, hidden_BTD, teacher_cfg,
-                          teacher_params["embedder"]["input_embedding"], teacher_hidden_BTD,
-                          batch["targets"], batch["loss_mask"], **kw)
-    else:
-      sums = topk_distill_sums(model_cfg, embedding_VD, hidden_BTD, batch["topk_logprobs"],
-                               batch["topk_ids"], batch["targets"], batch["loss_mask"], **kw)
-    return sums["loss"] + sums.get("z_loss", 0.0), sums
-
-  return objective
 
 
 def sum_over_micro_batches(fn, batch: dict, k: int):
@@ -83,19 +31,17 @@ def sum_over_micro_batches(fn, batch: dict, k: int):
   return jax.lax.scan(accumulate, zeros, micro)[0]
 
 
-def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | None = None,
-                    stop_tokens: tuple[int, ...] = (EOS_ID, END_OF_TURN_ID)):
+def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
   """(state, batch, teacher_params) -> (state, metrics); batch leaves are [global_batch, T, ...].
 
-  teacher_params is None except for online distillation; it is an argument (never optimizer state).
-  With on-policy distillation (distill.onpolicy_lambda > 0, see gemma2_jax/onpolicy.py) each
-  micro-batch's responses may first be replaced by the student's samples, which end at
-  `stop_tokens` (default: Gemma's tokenizer's `<eos>` and `<end_of_turn>`).
+  The mode gives the loss (`mode.objective`) and, for on-policy distillation (`mode.sampling`, see
+  gemma2_jax/distill/onpolicy.py), the student's sampling: each micro-batch's responses may first be
+  replaced by the student's samples. teacher_params is None except for online distillation; it is an
+  argument (never optimizer state).
   """
   k = exp.train.grad_accum_steps
-  objective = make_objective(exp, teacher_cfg)
-  lam = exp.distill.onpolicy_lambda if exp.distill is not None else 0.0
-  sampling = onpolicy.sampling_config(exp.distill, stop_tokens, exp.model.dtype) if lam else None
+  objective, sampling = mode.objective, mode.sampling
+  lam = exp.distill.onpolicy_lambda if sampling is not None else 0.0
 
   def train_step(state: TrainState, batch: dict, teacher_params=None):
     if lam:
@@ -141,9 +87,8 @@ def make_train_step(exp: Experiment, tx, schedule, teacher_cfg: ModelConfig | No
     metrics = {"loss": loss, "ce": sums["nll"] / weight, "accuracy": sums["correct"] / weight,
                "tokens": sums["weight"], "grad_norm": grad_norm,
                "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32)}
-    for key, name in (("kd", "kd"), ("teacher_nll", "teacher_ce"), ("kl", "kl_t1"),
-                      ("agree", "top1_agreement"), ("z_loss", "z_loss")):
-      if key in sums:
+    for key, name in METRIC_NAMES.items():
+      if key in sums and key != "nll":
         metrics[name] = sums[key] / weight
     for key in ONPOLICY_SUMS:  # raw sums: the loop turns them into rates over each log window
       if key in sums:

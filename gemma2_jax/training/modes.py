@@ -1,0 +1,247 @@
+"""Training modes: cross-entropy, online distillation (on-policy is its sampling option) and offline
+distillation from stored teacher top-k. A mode is everything a step needs that differs between them:
+its batch spec, its data iterator, its extra inputs (the frozen teacher), its loss and metric names.
+
+A new objective (say LoRA-only CE) is one more class here with the same five members; the program
+builder (training/programs.py), the loop and `aot` take it as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from gemma2_jax import checkpoint
+from gemma2_jax.distill import onpolicy
+from gemma2_jax.distill.config import distill_schedule
+from gemma2_jax.distill.teacher import load_teacher, teacher_runtime_config, teacher_shardings
+from gemma2_jax.inference.sampler import SamplingConfig
+from gemma2_jax.model.config import ModelConfig, get_preset
+from gemma2_jax.model.losses import cross_entropy_sums, distill_sums, topk_distill_sums
+from gemma2_jax.model.transformer import forward_hidden, param_shapes
+from gemma2_jax.parallel.sharding import DataGroup, logical_to_spec
+from gemma2_jax.training.experiment import ConfigError, Experiment
+
+# The step's summed statistics -> the metric each is logged as (divided by the token weight). The one
+# table of metric names: losses and the eval step name their sums, the trainer logs these.
+METRIC_NAMES = {"nll": "ce", "kd": "kd", "teacher_nll": "teacher_ce", "kl": "kl_t1",
+                "agree": "top1_agreement", "z_loss": "z_loss"}
+# Per-step raw sums of on-policy steps (rows with a response, rows the student answered, tokens it
+# wrote): the loop turns them into rates over each log window.
+ONPOLICY_SUMS = ("rows", "gen_rows", "gen_tokens")
+TOPK_DEFAULT = 128  # teacher_logits' default --topk
+
+
+def loss_sums(model_cfg: ModelConfig, params: dict, batch: dict, *, chunk: int, z_loss: float):
+  """The cross-entropy sums (nll, weight, correct, z_loss) of a batch under `params`."""
+  hidden_BTD = forward_hidden(model_cfg, params, batch["tokens"], batch["positions"],
+                              batch["segment_ids"])
+  return cross_entropy_sums(model_cfg, params["embedder"]["input_embedding"], hidden_BTD,
+                            batch["targets"], batch["loss_mask"], chunk_size=chunk, z_loss=z_loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One batch array: [B, T, *trailing] of `dtype`, its first axes laid out by `logical` names."""
+
+  name: str
+  dtype: Any
+  trailing: tuple[int, ...] = ()
+
+  def abstract(self, batch: int, length: int, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((batch, length, *self.trailing), jnp.dtype(self.dtype), sharding=sharding)
+
+
+TEXT_FIELDS = (Field("tokens", np.int32), Field("targets", np.int32), Field("positions", np.int32),
+               Field("segment_ids", np.int32), Field("loss_mask", np.float32))
+EVAL_FIELDS = (*TEXT_FIELDS, Field("target_bytes", np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  """The typed batch of a program: which keys, their dtypes and shapes; rows over the batch axes."""
+
+  fields: tuple[Field, ...]
+
+  @property
+  def keys(self) -> tuple[str, ...]:
+    return tuple(f.name for f in self.fields)
+
+  def abstract(self, batch: int, length: int, mesh, rules) -> dict:
+    sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+    return {f.name: f.abstract(batch, length, sharding) for f in self.fields}
+
+  def host(self, rows: dict) -> dict:
+    """A host batch reduced to the spec's keys, in the spec's dtypes (the program's exact inputs)."""
+    return {f.name: np.asarray(rows[f.name], f.dtype) for f in self.fields}
+
+
+TEXT_BATCH = BatchSpec(TEXT_FIELDS)
+EVAL_BATCH = BatchSpec(EVAL_FIELDS)
+
+
+class Mode:
+  """Cross-entropy on the data's next tokens (pre-training, continued pre-training, SFT)."""
+
+  name = "ce"
+  teacher_cfg: ModelConfig | None = None
+  sampling: SamplingConfig | None = None  # on-policy: the student's sampling inside the step
+
+  def __init__(self, exp: Experiment):
+    self.exp = exp
+
+  @property
+  def batch(self) -> BatchSpec:
+    return TEXT_BATCH
+
+  def train_iterator(self, group: DataGroup):
+    from gemma2_jax.data.pipeline import make_train_iterator
+
+    exp = self.exp
+    return make_train_iterator(exp.data_train, process_index=group.index, process_count=group.count,
+                               tokenizer_path=exp.tokenizer, vocab_size=exp.model.vocab_size,
+                               num_real_tokens=exp.model.num_real_tokens)
+
+  def teacher_inputs(self, mesh) -> tuple[Any, Any]:
+    """(abstract teacher params with shardings, their shardings); None, None without a teacher."""
+    return None, None
+
+  def load_teacher(self, mesh):
+    """The frozen teacher's params on `mesh` (None without one)."""
+    return None
+
+  def objective(self, params, batch, teacher_params, step):
+    """(scalar to differentiate, summed statistics) of one micro-batch."""
+    t = self.exp.train
+    sums = loss_sums(self.exp.model, params, batch, chunk=t.loss_chunk, z_loss=t.z_loss)
+    return sums["nll"] + sums.get("z_loss", 0.0), sums
+
+
+class _Distill(Mode):
+  """What online and offline distillation share: the schedule and the student's forward."""
+
+  def _kd_kwargs(self, step) -> dict:
+    d, t = self.exp.distill, self.exp.train
+    alpha, temperature = distill_schedule(d, step)
+    return dict(loss=d.loss, beta=d.beta, temperature=temperature, alpha=alpha,
+                chunk_size=t.loss_chunk, z_loss=t.z_loss)
+
+  def _student_hidden(self, params, batch):
+    return forward_hidden(self.exp.model, params, batch["tokens"], batch["positions"],
+                          batch["segment_ids"])
+
+
+class OnlineKD(_Distill):
+  """The frozen teacher's forward runs inside the step (under stop_gradient) on the same rows.
+
+  On-policy (distill.onpolicy_lambda > 0, gemma2_jax/distill/onpolicy.py): the step may first replace
+  each row's final model turn by the student's own sample, which ends at the tokenizer's stop tokens.
+  """
+
+  name = "online"
+
+  def __init__(self, exp: Experiment, teacher_cfg: ModelConfig | None = None,
+               stop_tokens: tuple[int, ...] | None = None):
+    """`teacher_cfg`: the teacher's runtime config (default: read from exp.teacher, no weights).
+    `stop_tokens`: where on-policy samples end (default: the tokenizer's `<eos>` and `<end_of_turn>`)."""
+    super().__init__(exp)
+    self.teacher_cfg = teacher_cfg or teacher_model_config(exp)
+    if exp.distill.onpolicy_lambda:
+      stop_tokens = stop_tokens or onpolicy.stop_tokens_for(exp.tokenizer)
+      self.sampling = onpolicy.sampling_config(exp.distill, stop_tokens, exp.model.dtype)
+
+  def teacher_inputs(self, mesh):
+    shardings = teacher_shardings(self.exp.teacher, self.exp.rules, mesh)
+    dtype = jnp.dtype(self.teacher_cfg.param_dtype)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh),
+                            param_shapes(self.teacher_cfg), shardings,
+                            is_leaf=lambda x: isinstance(x, tuple))
+    return abstract, shardings
+
+  def load_teacher(self, mesh):
+    exp = self.exp
+    return load_teacher(exp.teacher, self.teacher_cfg, exp.rules, mesh)
+
+  def objective(self, params, batch, teacher_params, step):
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    teacher_hidden_BTD = forward_hidden(self.teacher_cfg, teacher_params, batch["tokens"],
+                                        batch["positions"], batch["segment_ids"])
+    sums = distill_sums(self.exp.model, params["embedder"]["input_embedding"],
+                        self._student_hidden(params, batch), self.teacher_cfg,
+                        teacher_params["embedder"]["input_embedding"], teacher_hidden_BTD,
+                        batch["targets"], batch["loss_mask"], **self._kd_kwargs(step))
+    return sums["loss"] + sums.get("z_loss", 0.0), sums
+
+
+class OfflineKD(_Distill):
+  """Distillation from the teacher's top-k log-probs stored by `teacher_logits` (k from the records)."""
+
+  name = "offline"
+
+  def __init__(self, exp: Experiment, k: int | None = None):
+    super().__init__(exp)
+    self.k = records_k(exp.offline_paths, k)
+
+  @property
+  def batch(self) -> BatchSpec:
+    return BatchSpec((*TEXT_FIELDS, Field("topk_logprobs", np.float32, (self.k,)),
+                      Field("topk_ids", np.int32, (self.k,))))
+
+  def train_iterator(self, group: DataGroup):
+    from gemma2_jax.data.offline import make_offline_iterator
+
+    d = self.exp.data_train
+    return make_offline_iterator(self.exp.offline_paths, global_batch=d.global_batch, seq_len=d.seq_len,
+                                 seed=d.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, k=self.k,
+                                 process_index=group.index, process_count=group.count)
+
+  def objective(self, params, batch, teacher_params, step):
+    sums = topk_distill_sums(self.exp.model, params["embedder"]["input_embedding"],
+                             self._student_hidden(params, batch), batch["topk_logprobs"],
+                             batch["topk_ids"], batch["targets"], batch["loss_mask"],
+                             **self._kd_kwargs(step))
+    return sums["loss"] + sums.get("z_loss", 0.0), sums
+
+
+def records_k(paths: str, k: int | None = None) -> int:
+  """Top-k of the offline records at `paths`; `k` (aot: the records may not exist yet) when they are
+  not readable here."""
+  from gemma2_jax.data import DataError
+  from gemma2_jax.data.offline import resolve_shards
+
+  try:
+    stored = resolve_shards(paths)[1]["k"]
+  except (DataError, OSError):
+    if k is None:
+      raise
+    return k
+  if k is not None and k != stored:
+    raise ConfigError(f"the teacher top-k records at {paths} keep k={stored}, not {k}")
+  return stored
+
+
+def teacher_model_config(exp: Experiment) -> ModelConfig:
+  """The teacher's runtime config from its preset or its checkpoint's config file (no weights read).
+
+  A preset gives shapes only: its vocab is the student's (one tokenizer on both sides).
+  """
+  t = exp.teacher
+  cfg = (get_preset(t.preset).replace(vocab_size=exp.model.vocab_size) if t.preset
+         else checkpoint.read_config(t.checkpoint))
+  return teacher_runtime_config(t, exp.model, cfg)
+
+
+def for_experiment(exp: Experiment, *, topk: int | None = None,
+                   stop_tokens: tuple[int, ...] | None = None) -> Mode:
+  """The mode an experiment trains in. `topk`: the offline records' k when they cannot be read;
+  `stop_tokens`: on-policy samples' stop tokens when the tokenizer cannot be read."""
+  if exp.distill_mode == "online":
+    return OnlineKD(exp, stop_tokens=stop_tokens)
+  if exp.distill_mode == "offline":
+    return OfflineKD(exp, topk)
+  return Mode(exp)
