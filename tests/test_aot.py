@@ -28,7 +28,7 @@ from gemma2_jax.training.preflight import (
   traced_flops,
   while_loops,
 )
-from tests.test_trainer import ROOT, _experiment, tiny_experiment
+from tests.tiny import ROOT, experiment_from, tiny_experiment
 
 
 def program(exp, devices, name="train step"):
@@ -42,7 +42,7 @@ def compiled(exp, devices, name="train step"):
 
 @pytest.mark.parametrize("mode", ["ce", "online", "offline"])
 def test_step_compiles_from_shapes_alone_on_a_mesh(mode):
-  exp = _experiment(tiny_experiment(), 8)
+  exp = experiment_from(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2})
   if mode != "ce":
     exp = dataclasses.replace(exp, distill=DistillConfig(loss="forward_kl"))
@@ -57,7 +57,7 @@ def test_step_compiles_from_shapes_alone_on_a_mesh(mode):
 def test_eval_runs_in_the_train_steps_micro_batches():
   """Eval of a whole global batch in one forward needed 2.4x the train step's temporaries; in the
   train step's micro-batches it needs no more than the train step."""
-  exp = _experiment(tiny_experiment(), 8)
+  exp = experiment_from(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 4, "tensor": 2},
                             train=dataclasses.replace(exp.train, global_batch=32, grad_accum_steps=4))
   train, evaluate = compiled(exp, jax.devices()[:8]), compiled(exp, jax.devices()[:8], "eval step")
@@ -75,7 +75,7 @@ def test_cli_without_libtpu_says_how_to_get_it():
 
 
 def test_teacher_logits_step_and_host_plan():
-  exp = _experiment(tiny_experiment(), 8)
+  exp = experiment_from(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 4, "tensor": 1},
                             distill=DistillConfig(loss="forward_kl"), init_from="/nowhere",
                             teacher=TeacherConfig(checkpoint="/nowhere", preset="tiny"))
@@ -112,7 +112,7 @@ def test_train_step_with_splash_under_a_mesh_and_its_flops_report():
   pairs, full remat, heads split over tensor=2; the FLOP report sees its kernels."""
   c = tiny_experiment()
   c.model.update(dict(attention_impl="splash", remat="full", head_dim=16, num_layers=4))
-  exp = _experiment(c, 8)
+  exp = experiment_from(c, 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2})
   p = program(exp, jax.devices()[:8])
   traced = p.trace()
@@ -134,7 +134,7 @@ def test_onpolicy_train_step_with_its_decode_loop_compiles_and_is_reported():
   """On-policy distillation samples inside the train step (the decode while loop; lambda 1: no cond,
   the cheaper compile): the AOT trace, compile and FLOP report take it as it is, and say the loop's
   body counts once."""
-  exp = _experiment(tiny_experiment(), 8)
+  exp = experiment_from(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2},
                             distill=DistillConfig(loss="reverse_kl", onpolicy_lambda=1.0,
                                                   onpolicy_max_new_tokens=4),

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tiny import SMALL_MODEL, small_model_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 TOK = DATA / "ko_sp1024.model"
@@ -26,17 +28,15 @@ TOK = DATA / "ko_sp1024.model"
 TINY = ["--config=configs/pretrain_tiny.py", "--config.train.steps=2", "--config.train.global_batch=2",
         "--config.train.seq_len=16", "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.train.progress_bar=False", "--config.checkpoint.save_every=1",
-        "--config.checkpoint.export_hf=False", "--config.model.num_layers=2",
-        "--config.model.d_model=32", "--config.model.ffn_dim=64", "--config.model.head_dim=8",
-        "--config.model.query_pre_attn_scalar=8", "--config.model.sliding_window=8",
+        "--config.checkpoint.export_hf=False", *small_model_flags(num_layers=2),
         "--config.train.loss_chunk=16", "--config.optimizer.warmup_steps=1", "--config.data.eval.paths="]
 
 
 def _tiny_model():
+  """The model TINY trains."""
   from gemma2_jax.model.config import tiny
 
-  return tiny(vocab_size=1024, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-              ffn_dim=64, query_pre_attn_scalar=8, sliding_window=8)
+  return tiny(vocab_size=1024, num_layers=2, **SMALL_MODEL)
 
 
 def _env():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gemma2_jax.training.experiment import ConfigError, from_config
+from tests.tiny import pretrain_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -43,10 +44,6 @@ def test_ko_config_is_the_gemma_ko_recipe():
   assert [s.weight for s in exp.data_train.sources] == [0.7, 0.3]
 
 
-def tiny():
-  return load(ROOT / "configs" / "pretrain_tiny.py").get_config()
-
-
 @pytest.mark.parametrize("edit,num_devices,message", [
   (lambda c: c.train.__setitem__("global_batch", 6), 4, "not divisible by the 4 batch shards"),
   (lambda c: c.mesh.update(dict(data=3, fsdp=1)), 8, "hold 3 devices but 8 are present"),
@@ -57,7 +54,7 @@ def tiny():
   (lambda c: c.data.train.__setitem__("paths", ""), 1, "data.train has no source"),
 ])
 def test_bad_config_is_one_clear_error(edit, num_devices, message):
-  c = tiny()
+  c = pretrain_tiny()
   c.unlock()
   edit(c)
   with pytest.raises(ConfigError, match=message):
@@ -65,12 +62,12 @@ def test_bad_config_is_one_clear_error(edit, num_devices, message):
 
 
 def test_unknown_and_mistyped_keys():
-  c = tiny()
+  c = pretrain_tiny()
   c.unlock()
   c.train.stepz = 3
   with pytest.raises(ConfigError, match="unknown key train.stepz"):
     from_config(c, num_devices=1)
-  d = tiny().to_dict()
+  d = pretrain_tiny().to_dict()
   d["train"]["steps"] = "ten"
   with pytest.raises(ConfigError, match="train.steps = 'ten' has type str"):
     from_config(d, num_devices=1)

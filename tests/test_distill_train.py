@@ -14,14 +14,14 @@ from gemma2_jax.parallel.sharding import make_mesh
 from gemma2_jax.training import modes, programs
 from gemma2_jax.training.loop import Trainer
 from gemma2_jax.training.state import init_state, to_global
-from tests.test_trainer import ROOT, _experiment, synthetic_batches, tiny_experiment
+from tests.tiny import TOKENIZER, experiment_from, synthetic_batches, tiny_experiment
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """A student-sized and a bigger teacher checkpoint (native), same vocab."""
   tmp = tmp_path_factory.mktemp("distill")
-  exp = _experiment(tiny_experiment(), 8)
+  exp = experiment_from(tiny_experiment(), 8)
   student_cfg = exp.model
   teacher_cfg = student_cfg.replace(num_layers=4, d_model=48, ffn_dim=96)
   from gemma2_jax.model.transformer import init_params
@@ -93,7 +93,7 @@ def test_distill_cli_run_end_to_end(checkpoints, tmp_path):
   """The training loop with an online teacher: runs, logs the distillation metrics, exports."""
   exp, paths = checkpoints
   c = tiny_experiment(steps=3, log_every=1)
-  c.data.tokenizer = str(ROOT / "tests" / "data" / "ko_sp1024.model")
+  c.data.tokenizer = str(TOKENIZER)
   teacher_cfg = exp.model.replace(vocab_size=1024, num_layers=2)
   from gemma2_jax.model.transformer import init_params
   teacher = save_model(Transformer.from_params(teacher_cfg, init_params(teacher_cfg)),

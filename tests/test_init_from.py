@@ -12,7 +12,7 @@ from gemma2_jax.parallel.sharding import make_mesh
 from gemma2_jax.training.optim import make_optimizer
 from gemma2_jax.training.state import init_state, state_shardings
 from tests.hf_utils import hf_logits, random_hf_model
-from tests.test_trainer import _experiment, tiny_experiment
+from tests.tiny import experiment_from, tiny_experiment
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _state(model_cfg, init_from, mesh):
-  exp = _experiment(tiny_experiment(), 8)
+  exp = experiment_from(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, model=model_cfg, init_from=str(init_from),
                             mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1, **mesh})
   tx, _ = make_optimizer(exp.optimizer, exp.train.steps)

@@ -307,6 +307,21 @@ def test_scan_sees_every_kind_of_import(package):
   assert (f"{PKG}.train", f"{PKG}.cli.train") in pairs
 
 
+def test_test_files_import_helpers_not_other_test_files():
+  """Shared test code lives in helper modules (tests/tiny.py, tests/hf_utils.py, ...): importing a
+  test file from another would collect and run its tests' module-level setup twice."""
+  tests_dir = Path(__file__).resolve().parent
+  found = []
+  for path in sorted(tests_dir.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else
+               [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+      found += [f"tests/{path.name}:{node.lineno}: imports {name}" for name in names
+                if name.startswith("tests.test_")]
+  fail_on([f"{f}: import shared test code from a helper module (e.g. tests/tiny.py), not a test file"
+           for f in found])
+
+
 def write(root: Path, files: dict[str, str]):
   for rel, text in files.items():
     (root / rel).parent.mkdir(parents=True, exist_ok=True)

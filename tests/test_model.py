@@ -9,6 +9,7 @@ from flax import nnx
 from gemma2_jax.model import Transformer, gemma2_2b, gemma2_9b, gemma2_27b, tiny
 from gemma2_jax.model.config import ModelConfig, get_preset
 from gemma2_jax.model.transformer import PADDED_LOGIT, init_params, param_shapes
+from tests.tiny import random_params
 
 
 @pytest.mark.parametrize("preset,count", [(gemma2_2b, 2_614_636_800), (gemma2_9b, 9_242_164_736),
@@ -23,13 +24,6 @@ def test_real_sizes_parameter_count(preset, count):
 def test_27b_query_scale_is_d_model_over_heads():
   assert gemma2_27b().query_scale == pytest.approx(144**-0.5)
   assert gemma2_9b().query_scale == pytest.approx(256**-0.5)
-
-
-def random_params(cfg, seed=0):
-  """Host-side random params (no init compile): fast for tests that do not test init itself."""
-  rng = np.random.RandomState(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rng.randn(*s).astype(np.float32) * 0.2),
-                      param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from gemma2_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 from gemma2_jax.training import modes, preflight, programs
 from gemma2_jax.training.experiment import ConfigError, from_config
 from gemma2_jax.training.state import init_state, to_global
-from tests.test_trainer import _experiment, tiny_experiment
+from tests.tiny import experiment_from, tiny_experiment
 
 DATA = pathlib.Path(__file__).parent / "data"
 T = 48
@@ -72,7 +72,7 @@ def chat_setup(tmp_path_factory):
   path = tmp / "chat.jsonl"
   path.write_text("".join(json.dumps({"prompt": ln[:8], "response": ln[8:20]}, ensure_ascii=False)
                           + "\n" for ln in lines))
-  exp = _experiment(tiny_experiment(seq_len=T), 8)
+  exp = experiment_from(tiny_experiment(seq_len=T), 8)
   model = exp.model.replace(vocab_size=800)
   teacher_cfg = model.replace(num_layers=4, d_model=48, ffn_dim=96)
   teacher = save_model(Transformer.from_params(teacher_cfg, init_params(teacher_cfg, seed=3)),

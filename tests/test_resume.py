@@ -12,15 +12,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.tiny import small_model_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 COMMON = ["--config=configs/pretrain_tiny.py", f"--config.train.steps={STEPS}",
           "--config.train.global_batch=4", "--config.train.seq_len=32", "--config.train.log_every=1",
           "--config.train.eval_every=0", "--config.train.eval_batches=1",
           "--config.train.progress_bar=False", "--config.checkpoint.save_every=3",
-          "--config.checkpoint.export_hf=False", "--config.model.num_layers=2",
-          "--config.model.d_model=32", "--config.model.ffn_dim=64", "--config.model.head_dim=8",
-          "--config.model.query_pre_attn_scalar=8", "--config.model.sliding_window=8",
+          "--config.checkpoint.export_hf=False", *small_model_flags(num_layers=2),
           "--config.train.loss_chunk=16", "--config.optimizer.warmup_steps=2"]
 
 

@@ -168,12 +168,12 @@ def test_streaming_in_chunks_equals_one_call(sampler):
 
 def test_prompts_in_one_bucket_compile_once(sampler):
   sampler([[2, 3, 4, 5, 6]], greedy(8), min_rows=2)
-  compiled = sampler._prefill._cache_size(), sampler._decode._cache_size()
+  compiled = sampler.prefill_fn._cache_size(), sampler.decode_fn._cache_size()
   for prompts in ([[2] + list(range(10, 19))], [[2, 9], [2, 8, 7, 6]]):  # same 16-token bucket
     sampler(prompts, greedy(8), min_rows=2)
-  assert (sampler._prefill._cache_size(), sampler._decode._cache_size()) == compiled
+  assert (sampler.prefill_fn._cache_size(), sampler.decode_fn._cache_size()) == compiled
   sampler([list(range(2, 20))], greedy(8), min_rows=2)  # the 32-token bucket is a new program
-  assert sampler._prefill._cache_size() == compiled[0] + 1
+  assert sampler.prefill_fn._cache_size() == compiled[0] + 1
 
 
 def test_sharded_equals_unsharded(hf_dir, sampler):

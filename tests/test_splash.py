@@ -23,7 +23,7 @@ from gemma2_jax.parallel.sharding import (
   logical_to_sharding,
   make_mesh,
 )
-from tests.test_model import random_params
+from tests.tiny import random_params
 
 
 def _rel(ours, ref):

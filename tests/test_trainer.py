@@ -1,7 +1,6 @@
 """The train step: sharded == single device, gradient accumulation exactness, non-finite handling."""
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,40 +12,7 @@ from gemma2_jax.training.experiment import from_config
 from gemma2_jax.training.loop import Trainer, TrainingDiverged
 from gemma2_jax.training.optim import make_optimizer
 from gemma2_jax.training.state import init_state, state_shardings, to_global
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_experiment(**train):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / "pretrain_tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.model.update(dict(vocab_size=256, d_model=32, ffn_dim=64, num_heads=4, num_kv_heads=2,
-                      head_dim=8, query_pre_attn_scalar=8, sliding_window=8))
-  c.train.update({**dict(steps=3, global_batch=8, seq_len=16, loss_chunk=8, progress_bar=False),
-                  **train})
-  c.optimizer.warmup_steps = 1
-  c.optimizer.learning_rate = 1e-2
-  c.data.tokenizer = ""
-  return c
-
-
-def synthetic_batches(n, B=8, T=16, vocab=256, seed=0):
-  rng = np.random.RandomState(seed)
-  out = []
-  for _ in range(n):
-    tokens = rng.randint(3, vocab, (B, T + 1)).astype(np.int32)
-    seg = np.ones((B, T), np.int32)
-    seg[:, T // 2:] = 2
-    seg[0, -3:] = 0
-    mask = ((seg != 0) & (np.roll(seg, -1, 1) == seg)).astype(np.float32)
-    mask[:, -1] = 1.0 * (seg[:, -1] != 0)
-    pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0)
-    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": pos.astype(np.int32),
-                "segment_ids": seg, "loss_mask": mask})
-  return out
+from tests.tiny import TOKENIZER, experiment_from, synthetic_batches, tiny_experiment
 
 
 def run_steps(exp, batches, devices):
@@ -62,15 +28,9 @@ def run_steps(exp, batches, devices):
   return state, np.array(losses)
 
 
-def _experiment(c, num_devices):
-  c = c.copy_and_resolve_references()
-  c.data.tokenizer = "unused"
-  return from_config(c, num_devices=num_devices)
-
-
 @pytest.fixture(scope="module")
 def single_device_run():
-  exp = _experiment(tiny_experiment(), 1)
+  exp = experiment_from(tiny_experiment(), 1)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
   return run_steps(exp, synthetic_batches(3), jax.devices()[:1])
 
@@ -81,7 +41,7 @@ def test_sharded_equals_single_device(single_device_run, mesh):
   ref_state, ref_losses = single_device_run
   c = tiny_experiment()
   c.mesh.update({"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1, **mesh})
-  exp = _experiment(c, 8)
+  exp = experiment_from(c, 8)
   state, losses = run_steps(exp, synthetic_batches(3), jax.devices()[:8])
   assert state.params["layers"]["attn"]["q_einsum"].sharding.mesh.size == 8
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
@@ -91,7 +51,7 @@ def test_sharded_equals_single_device(single_device_run, mesh):
 
 def test_gradient_accumulation_equals_big_batch(single_device_run):
   ref_state, ref_losses = single_device_run
-  exp = _experiment(tiny_experiment(grad_accum_steps=4), 1)
+  exp = experiment_from(tiny_experiment(grad_accum_steps=4), 1)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
   state, losses = run_steps(exp, synthetic_batches(3), jax.devices()[:1])
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
@@ -101,7 +61,7 @@ def test_gradient_accumulation_equals_big_batch(single_device_run):
 
 def test_loss_mask_weights_tokens():
   """Masked tokens contribute nothing: changing their targets leaves loss and update unchanged."""
-  exp = _experiment(tiny_experiment(steps=1), 1)
+  exp = experiment_from(tiny_experiment(steps=1), 1)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
   batch = synthetic_batches(1)[0]
   other = {k: v.copy() for k, v in batch.items()}
@@ -114,7 +74,7 @@ def test_loss_mask_weights_tokens():
 
 
 def test_nonfinite_skip_keeps_params():
-  exp = _experiment(tiny_experiment(nonfinite="skip"), 1)
+  exp = experiment_from(tiny_experiment(nonfinite="skip"), 1)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1})
   mesh = make_mesh(exp.mesh, jax.devices()[:1])
   step = programs.train_program(exp, modes.Mode(exp), mesh)
@@ -138,7 +98,7 @@ def test_nonfinite_skip_keeps_params():
 
 def test_trainer_stops_on_divergence(tmp_path):
   c = tiny_experiment(steps=6)
-  c.data.tokenizer = str(ROOT / "tests" / "data" / "ko_sp1024.model")
+  c.data.tokenizer = str(TOKENIZER)
   c.model.vocab_size = 1024
   c.optimizer.learning_rate = 1e38
   c.optimizer.clip_norm = 0.0
@@ -151,7 +111,7 @@ def test_trainer_stops_on_divergence(tmp_path):
 def test_batch_keys_match_data_pipeline():
   from gemma2_jax.data import make_train_iterator
   c = tiny_experiment()
-  c.data.tokenizer = str(ROOT / "tests" / "data" / "ko_sp1024.model")
+  c.data.tokenizer = str(TOKENIZER)
   exp = from_config(c, num_devices=jax.device_count())
   batch = next(make_train_iterator(exp.data_train, tokenizer_path=exp.tokenizer, vocab_size=1024))
   assert set(modes.TEXT_BATCH.keys) <= set(batch)
@@ -165,7 +125,7 @@ def test_workdir_written_before_a_new_model_field_still_resumes(tmp_path):
 
   from gemma2_jax.checkpoint import CheckpointError
 
-  exp = _experiment(tiny_experiment(), 1)
+  exp = experiment_from(tiny_experiment(), 1)
   old = exp.to_json_dict()
   del old["model"]["scan_layers"]
   (tmp_path / "config.json").write_text(json.dumps(old))
@@ -185,7 +145,7 @@ def test_export_hf_from_sharded_params_tensor_by_tensor(tmp_path, monkeypatch):
   from gemma2_jax.checkpoint import load_params
   from gemma2_jax.checkpoint.export import export_hf
 
-  exp = _experiment(tiny_experiment(), 8)
+  exp = experiment_from(tiny_experiment(), 8)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 4, "tensor": 2})
   mesh = make_mesh(exp.mesh, jax.devices()[:8])
   tx, _ = make_optimizer(exp.optimizer, exp.train.steps)

@@ -6,8 +6,7 @@ import math
 import sys
 
 from gemma2_jax.errors import UserError
-
-EVAL_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "target_bytes")
+from gemma2_jax.training.modes import EVAL_BATCH
 
 
 class EvalError(UserError):
@@ -16,14 +15,15 @@ class EvalError(UserError):
 
 def run_eval(eval_step, params, batches, to_global, *, max_batches: int | None = None,
              progress=None) -> dict:
-  """Sums `eval_step` over host batches (dicts of numpy rows) and reduces them to metrics."""
+  """Sums `eval_step` over host batches (dicts of numpy rows, taken as the eval program's batch spec)
+  and reduces them to metrics."""
   import jax
 
   totals = None
   for n, batch in enumerate(batches):
     if max_batches is not None and n >= max_batches:
       break
-    out = eval_step(params, to_global({k: batch[k] for k in EVAL_KEYS}))
+    out = eval_step(params, to_global(EVAL_BATCH.host(batch)))
     totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
     if progress is not None:
       progress.update(1)
@@ -53,7 +53,7 @@ def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | Non
   `sample --dtype`'s. Data with no tokens is an EvalError.
   """
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec
+  from jax.sharding import NamedSharding
   from tqdm import tqdm
 
   from gemma2_jax import checkpoint
@@ -62,12 +62,11 @@ def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | Non
   from gemma2_jax.model.transformer import LOGICAL_AXES
   from gemma2_jax.parallel.sharding import (
     DEFAULT_RULES,
-    activation_sharding,
     host_to_global,
     logical_to_sharding,
     logical_to_spec,
   )
-  from gemma2_jax.training.steps import make_eval_step
+  from gemma2_jax.training.programs import eval_program
 
   checkpoint.detect_format(checkpoint_path)
   tokenizer = tokenizer or default_tokenizer(checkpoint_path)
@@ -80,12 +79,11 @@ def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | Non
   param_shardings = logical_to_sharding(LOGICAL_AXES, device_mesh, DEFAULT_RULES)
   cfg, params = checkpoint.load_sharded(checkpoint_path, dtype, param_shardings, config=cfg)
   cfg = cfg.replace(dtype=dtype)
-  step = jax.jit(make_eval_step(cfg, chunk=min(loss_chunk, seq_len)),
-                 in_shardings=(param_shardings, batch_sharding),
-                 out_shardings=NamedSharding(device_mesh, PartitionSpec()))
+  step = eval_program(cfg, device_mesh, DEFAULT_RULES, batch=batch, seq_len=seq_len,
+                      chunk=min(loss_chunk, seq_len))
   bar = tqdm(total=max_batches, desc="evaluate", unit="batch", file=sys.stderr,
              disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
-  with activation_sharding(device_mesh, DEFAULT_RULES), bar:
+  with bar:
     result = run_eval(step, params, batches,
                       lambda b: {k: host_to_global(v, batch_sharding) for k, v in b.items()},
                       max_batches=max_batches, progress=bar)
