@@ -13,7 +13,7 @@ import sys
 
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
 from gemma2_jax.cli import train
-from gemma2_jax.training import loop as trainer
+from gemma2_jax.training.loop import Trainer
 
 
 def main():
@@ -29,19 +29,18 @@ def main():
 
     TrainCheckpointer.save = save
   elif mode in ("after_step", "raise_after_step"):
-    original_to_global = trainer.to_global
+    original_global_batch = Trainer.global_batch
     calls = {"n": 0}
 
-    def to_global(batch, sh):
-      if batch.get("tokens") is not None and len(batch) == len(trainer.BATCH_KEYS):
-        if calls["n"] == step:
-          if mode == "raise_after_step":
-            raise RuntimeError(f"injected failure before step {step + 1}")
-          os.kill(os.getpid(), signal.SIGKILL)
-        calls["n"] += 1
-      return original_to_global(batch, sh)
+    def global_batch(self, batch):  # called once per train step, with that step's host batch
+      if calls["n"] == step:
+        if mode == "raise_after_step":
+          raise RuntimeError(f"injected failure before step {step + 1}")
+        os.kill(os.getpid(), signal.SIGKILL)
+      calls["n"] += 1
+      return original_global_batch(self, batch)
 
-    trainer.to_global = to_global
+    Trainer.global_batch = global_batch
   else:
     raise SystemExit(f"unknown mode {mode}")
   sys.exit(train.main(args))

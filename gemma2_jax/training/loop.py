@@ -22,8 +22,8 @@ from gemma2_jax.parallel.sharding import (
 from gemma2_jax.training import flops, modes, programs
 from gemma2_jax.training.experiment import Experiment, dataclass_defaults
 from gemma2_jax.training.hooks import Checkpointer, Evaluator, HFExport, MetricsLogger, Profiler
+from gemma2_jax.training.modes import ONPOLICY_SUMS
 from gemma2_jax.training.state import TrainState, abstract_state, init_state, to_global
-from gemma2_jax.training.steps import ONPOLICY_SUMS
 
 
 class TrainingDiverged(UserError):
@@ -44,7 +44,6 @@ class Trainer:
     self.tx, self.sh = self.train_step.tx, self.train_step.shardings
     # Processes whose devices address the same batch rows read the same data shard.
     self.train_iter = self.mode.train_iterator(data_group(self.sh.batch, exp.train.global_batch))
-    self.batch_keys = self.mode.batch.keys
     self.data_kw = dict(tokenizer_path=exp.tokenizer, vocab_size=exp.model.vocab_size,
                         num_real_tokens=exp.model.num_real_tokens)
     self.teacher_params = self.mode.load_teacher(self.mesh)
@@ -183,9 +182,7 @@ class Trainer:
 
   def _dispatch(self, state, batch: dict):
     """One train step on a host batch, dispatched, not waited for: (new state, metrics on device)."""
-    with self._sharding_ctx():
-      return self.train_step(state, to_global({k: batch[k] for k in self.batch_keys}, self.sh),
-                             self.teacher_params)
+    return self.train_step(state, self.global_batch(batch), self.teacher_params)
 
   def _stop_data(self):
     """Stops and joins the train data pipeline's threads (so an error is the last line printed)."""
