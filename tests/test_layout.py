@@ -28,14 +28,15 @@ SHIMS = ("aot", "convert", "evaluate", "prepare_data", "sample", "teacher_logits
 RANKS = {"errors": 0, "paths": 0, "parallel": 0, "model": 0, "data": 0, "checkpoint": 0,
          "inference": 1, "distill": 2, "training": 3, "cli": 4, "shim": 5, "root": 5}
 LIBRARY_TOP = 3  # ranks 0-3 are the library; cli and above are the commands
-# Within rank 0, what each part may import besides itself (what holds today).
+# Within rank 0, what each part may import besides itself (what holds today): errors and paths are
+# the base; data and checkpoint are independent of each other.
 RANK0_MAY_IMPORT = {
   "errors": set(),
   "paths": {"errors"},
   "parallel": {"errors", "paths"},
   "model": {"errors", "paths", "parallel"},
   "data": {"errors", "paths"},
-  "checkpoint": {"errors", "paths", "parallel", "model", "data"},
+  "checkpoint": {"errors", "paths", "parallel", "model"},
 }
 LAYERS = ("errors/paths/parallel/model/data/checkpoint (0) < inference (1) < distill (2) < training (3)"
           " < cli (4) < command shims, package root (5)")

@@ -109,7 +109,8 @@ def _run(exp, batch, n_devices=1, lam=1.0, **distill):
   sh = step.shardings
   teacher_params = mode.load_teacher(mesh)
   state = init_state(exp, step.tx, sh)
-  return exp, state, step(state, to_global(batch, sh), teacher_params), mode, teacher_params
+  before = jax.tree.map(jnp.copy, state)  # the step donates its state
+  return exp, before, step(state, to_global(batch, sh), teacher_params), mode, teacher_params
 
 
 def test_lambda_zero_is_off_policy_kd(chat_setup):

@@ -27,9 +27,11 @@ def teacher_runtime_config(teacher: TeacherConfig, student: ModelConfig, cfg: Mo
                      num_real_tokens=student.num_real_tokens)
 
 
-def teacher_shardings(teacher: TeacherConfig, student_rules, mesh) -> dict:
-  """The teacher's param shardings: its own rules, or the student's."""
-  return logical_to_sharding(LOGICAL_AXES, mesh, normalize_rules(teacher.sharding_rules or student_rules))
+def teacher_shardings(teacher: TeacherConfig | None, student_rules, mesh) -> dict:
+  """The teacher's param shardings: its own rules, or the student's (also for a teacher given as
+  params rather than a TeacherConfig)."""
+  rules = (teacher and teacher.sharding_rules) or student_rules
+  return logical_to_sharding(LOGICAL_AXES, mesh, normalize_rules(rules))
 
 
 def load_teacher(teacher: TeacherConfig, cfg: ModelConfig, student_rules, mesh) -> dict:
