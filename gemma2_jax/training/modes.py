@@ -1,9 +1,11 @@
 """Training modes: cross-entropy, online distillation (on-policy is its sampling option) and offline
 distillation from stored teacher top-k. A mode is everything a step needs that differs between them:
-its batch spec, its data iterator, its extra inputs (the frozen teacher), its loss and metric names.
+its batch spec (`batch`), its data iterator (`train_iterator`), its extra inputs (`teacher_inputs`,
+`load_teacher`: the frozen teacher), its loss (`objective`, whose sums METRIC_NAMES names) and, for
+on-policy distillation, the student's `sampling` inside the step.
 
-A new objective (say LoRA-only CE) is one more class here with the same five members; the program
-builder (training/programs.py), the loop and `aot` take it as they are.
+A new objective (say LoRA-only CE) is one more subclass here; the program builder
+(training/programs.py), the loop and `aot` take it as they are.
 """
 
 from __future__ import annotations
