@@ -270,28 +270,32 @@ def package():
   return scan(PKG_DIR)
 
 
-def fail_on(violations: list[str]):
-  assert not violations, f"{len(violations)} layout violation(s):\n" + "\n".join(violations)
+def report(violations: list[str]) -> str:
+  return f"{len(violations)} layout violation(s):\n" + "\n".join(violations)
 
 
 def test_no_import_cycles(package):
   mods, edges, _ = package
-  fail_on(cycle_violations(PKG_DIR, mods, edges))
+  violations = cycle_violations(PKG_DIR, mods, edges)
+  assert not violations, report(violations)
 
 
 def test_imports_follow_the_rank_order(package):
   mods, edges, _ = package
-  fail_on(rank_violations(PKG_DIR, mods, edges))
+  violations = rank_violations(PKG_DIR, mods, edges)
+  assert not violations, report(violations)
 
 
 def test_library_does_not_import_the_commands(package):
   _, edges, _ = package
-  fail_on(library_command_imports(PKG_DIR, edges))
+  violations = library_command_imports(PKG_DIR, edges)
+  assert not violations, report(violations)
 
 
 def test_no_private_names_across_modules(package):
   _, edges, attrs = package
-  fail_on(private_imports(PKG_DIR, edges, attrs))
+  violations = private_imports(PKG_DIR, edges, attrs)
+  assert not violations, report(violations)
 
 
 def test_scan_sees_every_kind_of_import(package):
@@ -319,8 +323,9 @@ def test_test_files_import_helpers_not_other_test_files():
                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
       found += [f"tests/{path.name}:{node.lineno}: imports {name}" for name in names
                 if name.startswith("tests.test_")]
-  fail_on([f"{f}: import shared test code from a helper module (e.g. tests/tiny.py), not a test file"
-           for f in found])
+  violations = [f"{f}: import shared test code from a helper module (e.g. tests/tiny.py), not a test "
+                "file" for f in found]
+  assert not violations, report(violations)
 
 
 def write(root: Path, files: dict[str, str]):

@@ -97,6 +97,11 @@ def _is_axes(x) -> bool:
   return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Rows of a [B, T, ...] batch over the batch axes (trailing dims replicated)."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+
+
 def logical_to_sharding(logical_tree, mesh: Mesh, rules):
   return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)),
                       logical_tree, is_leaf=_is_axes)

@@ -53,7 +53,6 @@ def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | Non
   `sample --dtype`'s. Data with no tokens is an EvalError.
   """
   import jax
-  from jax.sharding import NamedSharding
   from tqdm import tqdm
 
   from gemma2_jax import checkpoint
@@ -62,9 +61,9 @@ def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | Non
   from gemma2_jax.model.transformer import LOGICAL_AXES
   from gemma2_jax.parallel.sharding import (
     DEFAULT_RULES,
+    batch_sharding,
     host_to_global,
     logical_to_sharding,
-    logical_to_spec,
   )
   from gemma2_jax.training.programs import eval_program
 
@@ -72,8 +71,8 @@ def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | Non
   tokenizer = tokenizer or default_tokenizer(checkpoint_path)
   cfg = checkpoint.read_config(checkpoint_path)
   device_mesh = make_sampler_mesh(mesh, cfg)
-  batch_sharding = NamedSharding(device_mesh, logical_to_spec(("batch", "length"), DEFAULT_RULES))
-  batches = _eval_batches(data, data_format, text_field, seq_len, batch, max_batches, batch_sharding,
+  rows_sharding = batch_sharding(device_mesh, DEFAULT_RULES)
+  batches = _eval_batches(data, data_format, text_field, seq_len, batch, max_batches, rows_sharding,
                           tokenizer, cfg)
   dtype = dtype_for(dtype)
   param_shardings = logical_to_sharding(LOGICAL_AXES, device_mesh, DEFAULT_RULES)
@@ -85,7 +84,7 @@ def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | Non
              disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
   with bar:
     result = run_eval(step, params, batches,
-                      lambda b: {k: host_to_global(v, batch_sharding) for k, v in b.items()},
+                      lambda b: {k: host_to_global(v, rows_sharding) for k, v in b.items()},
                       max_batches=max_batches, progress=bar)
   if result["eval_tokens"] == 0:
     raise EvalError(f"no tokens to evaluate in {data}")

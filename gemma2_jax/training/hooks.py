@@ -14,6 +14,7 @@ import jax
 
 from gemma2_jax.checkpoint.export import export_hf
 from gemma2_jax.training.metrics import MetricsWriter
+from gemma2_jax.training.modes import ONPOLICY_SUMS
 
 
 class Profiler:
@@ -38,12 +39,12 @@ class MetricsLogger:
 
   A row holds the step's metrics, skipped_steps, and over the steps since the previous row: step
   time, tokens/s, TFLOP/s per device and MFU, and the on-policy rates made from the step's raw sums
-  (`onpolicy_sums`: rows, gen_rows, gen_tokens). The first step read is not timed: it includes
+  (ONPOLICY_SUMS: rows, gen_rows, gen_tokens). The first step read is not timed: it includes
   compilation. `check_finite(metrics, step)` returns 1 for a skipped step (or raises).
   """
 
   def __init__(self, workdir, train, *, start: int, flops_per_token: float, peak: float | None,
-               onpolicy_sums: tuple[str, ...], check_finite: Callable[[dict, int], int]):
+               check_finite: Callable[[dict, int], int]):
     self.writer = MetricsWriter(workdir)
     self.bar = None
     if train.progress_bar and jax.process_index() == 0:
@@ -52,11 +53,11 @@ class MetricsLogger:
     self.steps, self.log_every = train.steps, train.log_every
     self.tokens_per_step = train.global_batch * train.seq_len
     self.flops_per_token, self.peak = flops_per_token, peak
-    self.sums, self.check_finite = onpolicy_sums, check_finite
+    self.sums, self.check_finite = ONPOLICY_SUMS, check_finite
     self.last: dict = {}  # the last row written
     self.skipped = 0
     self.window_start, self.window_steps = None, 0
-    self.gen_window = dict.fromkeys(onpolicy_sums, 0.0)  # on-policy sums over the timed steps
+    self.gen_window = dict.fromkeys(ONPOLICY_SUMS, 0.0)  # on-policy sums over the timed steps
 
   def due(self, done: int) -> bool:
     return done % self.log_every == 0 or done == self.steps

@@ -15,14 +15,12 @@ from gemma2_jax.checkpoint.manager import TrainCheckpointer
 from gemma2_jax.errors import UserError
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.parallel.sharding import (
-  activation_sharding,
   data_group,
   make_mesh,
 )
 from gemma2_jax.training import flops, modes, programs
 from gemma2_jax.training.experiment import Experiment, dataclass_defaults
 from gemma2_jax.training.hooks import Checkpointer, Evaluator, HFExport, MetricsLogger, Profiler
-from gemma2_jax.training.modes import ONPOLICY_SUMS
 from gemma2_jax.training.state import TrainState, abstract_state, init_state, to_global
 
 
@@ -54,9 +52,6 @@ class Trainer:
     """This process's rows -> the train program's global batch (the mode's keys and dtypes)."""
     return to_global(self.mode.batch.host(host_batch), self.sh)
 
-  def _sharding_ctx(self):
-    return activation_sharding(self.mesh, self.exp.rules)
-
   def evaluate(self, params) -> dict:
     from gemma2_jax.data.pipeline import make_eval_iterator
     from gemma2_jax.training.evaluation import run_eval
@@ -64,9 +59,8 @@ class Trainer:
     group = data_group(self.sh.batch, self.exp.data_eval.global_batch)
     it = make_eval_iterator(self.exp.data_eval, num_batches=self.exp.train.eval_batches,
                             process_index=group.index, process_count=group.count, **self.data_kw)
-    with self._sharding_ctx():
-      return run_eval(self.eval_step, params, it, lambda b: to_global(b, self.sh),
-                      max_batches=self.exp.train.eval_batches)
+    return run_eval(self.eval_step, params, it, lambda b: to_global(b, self.sh),
+                    max_batches=self.exp.train.eval_batches)
 
   def _check_workdir(self):
     """A workdir belongs to one model: refuse (before touching anything) to mix runs.
@@ -129,7 +123,7 @@ class Trainer:
       raise
     start = int(jax.device_get(state.step))
     logger = MetricsLogger(self.workdir, self.exp.train, start=start, flops_per_token=self.flops_per_token,
-                           peak=self.peak, onpolicy_sums=ONPOLICY_SUMS, check_finite=self._check_finite)
+                           peak=self.peak, check_finite=self._check_finite)
     with _stop_signals() as preempted:
       try:
         state, summary = self._train(state, start, ckpt, logger, preempted)

@@ -26,7 +26,7 @@ from gemma2_jax.inference.sampler import SamplingConfig
 from gemma2_jax.model.config import ModelConfig, get_preset
 from gemma2_jax.model.losses import cross_entropy_sums, distill_sums, topk_distill_sums
 from gemma2_jax.model.transformer import forward_hidden, param_shapes
-from gemma2_jax.parallel.sharding import DataGroup, logical_to_spec
+from gemma2_jax.parallel.sharding import DataGroup, batch_sharding
 from gemma2_jax.training.experiment import ConfigError, Experiment
 
 # The step's summed statistics -> the metric each is logged as (divided by the token weight). The one
@@ -75,7 +75,7 @@ class BatchSpec:
     return tuple(f.name for f in self.fields)
 
   def abstract(self, batch: int, length: int, mesh, rules) -> dict:
-    sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+    sharding = batch_sharding(mesh, rules)
     return {f.name: f.abstract(batch, length, sharding) for f in self.fields}
 
   def host(self, rows: dict) -> dict:

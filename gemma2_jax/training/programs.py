@@ -25,6 +25,7 @@ from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import LOGICAL_AXES, param_shapes
 from gemma2_jax.parallel.sharding import (
   activation_sharding,
+  batch_sharding,
   batch_shards,
   logical_to_sharding,
   logical_to_spec,
@@ -94,7 +95,7 @@ def eval_program(model: ModelConfig, mesh: Mesh, rules, *, batch: int, seq_len: 
                  micro_batches: int = 1) -> Program:
   """(params, batch) -> summed eval statistics, in `micro_batches` (the trainer: its train step's)."""
   params_sh = logical_to_sharding(LOGICAL_AXES, mesh, rules)
-  batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+  batch_sh = batch_sharding(mesh, rules)
   fn = jax.jit(make_eval_step(model, chunk=chunk, micro_batches=micro_batches),
                in_shardings=(params_sh, batch_sh), out_shardings=NamedSharding(mesh, PartitionSpec()))
   args = (abstract_tree(param_shapes(model), model.param_dtype, params_sh),
@@ -121,7 +122,7 @@ def topk_program(exp: Experiment, teacher_cfg: ModelConfig, mesh: Mesh, k: int,
                  batch_size: int | None = None) -> TopKProgram:
   """(teacher params, tokens, positions, segment_ids [B, T]) -> (top-k log-probs, ids) [B, T, k]:
   `python -m gemma2_jax.teacher_logits`'s step. B defaults to one row per batch shard."""
-  batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
+  batch_sh = batch_sharding(mesh, exp.rules)
   n_shards = batch_shards(batch_sh)
   # One row per batch shard by default: train.global_batch rows (512 x 8k for distill_9b) in one
   # forward would need ~0.5 TB for a single chunk's fp32 logits over a 256k vocab.

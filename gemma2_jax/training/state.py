@@ -15,9 +15,9 @@ from gemma2_jax import checkpoint
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import LOGICAL_AXES, init_params, param_shapes
 from gemma2_jax.parallel.sharding import (
+  batch_sharding,
   host_to_global,
   logical_to_sharding,
-  logical_to_spec,
 )
 from gemma2_jax.training.experiment import Experiment
 
@@ -44,7 +44,7 @@ def state_shardings(exp: Experiment, mesh, tx) -> Shardings:
   opt_state = optax.tree_utils.tree_map_params(
     tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
     transform_non_params=lambda _: replicated)
-  batch = NamedSharding(mesh, logical_to_spec(("batch", "length"), exp.rules))
+  batch = batch_sharding(mesh, exp.rules)
   return Shardings(mesh=mesh, state=TrainState(step=replicated, params=params, opt_state=opt_state),
                    batch=batch, replicated=replicated)
 
