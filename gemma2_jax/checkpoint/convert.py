@@ -9,10 +9,7 @@ import os
 import numpy as np
 
 from gemma2_jax.checkpoint import CheckpointError, check_config, load_params, save_params, stored_dtype
-from gemma2_jax.model.config import ModelConfig
-
-# Weights are floats: a cast to an integer type would write zeros (silently) and complex is meaningless.
-DTYPES = ("float32", "bfloat16", "float16")
+from gemma2_jax.model.config import FLOAT_DTYPES, ModelConfig, float_dtype
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
@@ -47,9 +44,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: s
   if config is not None:
     check_config(src, config, what="--src",
                  fix="it stores its own config: leave out --preset / --model_config")
-  dtype = np.dtype(dtype) if dtype else stored_dtype(src)
-  if dtype.name not in DTYPES:
-    raise CheckpointError(f"{src} stores {dtype.name} weights; give --dtype ({', '.join(DTYPES)})")
+  # Weights are floats: a cast to an integer type would write zeros (silently).
+  dtype = np.dtype(float_dtype(dtype)) if dtype else stored_dtype(src)
+  if dtype.name not in FLOAT_DTYPES:
+    raise CheckpointError(f"{src} stores {dtype.name} weights; give --dtype ({', '.join(FLOAT_DTYPES)})")
   bar = progress or (lambda phase: contextlib.nullcontext())
   with bar("read") as b:
     cfg, params = load_params(src, dtype, config=config, progress=b)

@@ -17,12 +17,30 @@ from gemma2_jax.model.config import ModelConfig
 
 
 def is_workdir(path: epath.Path) -> bool:
+  """A `checkpoints/` directory beside a `config.json` that is not an HF config (a damaged one
+  counts: `run_config` then says what is wrong and how to restore it)."""
   if not (path / "checkpoints").is_dir() or not (path / "config.json").exists():
     return False
   try:
     return "train" in json.loads((path / "config.json").read_text())
   except (json.JSONDecodeError, UnicodeDecodeError):
-    return False
+    return True
+
+
+def run_config(path: epath.Path) -> dict:
+  """The run's config.json (the experiment as JSON); a CheckpointError saying how to restore it from a
+  checkpoint's copy when it is not one."""
+  file = path / "config.json"
+  try:
+    saved = json.loads(file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    saved = e
+  if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+    why = (f"not valid JSON ({saved})" if isinstance(saved, Exception)
+           else "not the config of a training run (no model section)")
+    raise CheckpointError(f"{file} is {why}; every checkpoint keeps a copy of it: restore it with cp "
+                          f"{path / 'checkpoints'}/STEP/config/metadata {file}")
+  return saved
 
 
 def latest_state(path: epath.Path) -> epath.Path:
@@ -49,7 +67,7 @@ def stored_dtype(path: epath.Path) -> np.dtype:
 
 
 def read_config(path: epath.Path) -> ModelConfig:
-  return ModelConfig.from_dict(json.loads((path / "config.json").read_text())["model"])
+  return ModelConfig.from_dict(run_config(path)["model"])
 
 
 def _open(path: epath.Path, config: ModelConfig | None) -> tuple[ModelConfig, epath.Path, dict]:

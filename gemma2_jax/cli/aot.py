@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 
-from gemma2_jax.cli.common import ArgumentParser, parse_with_overrides
+from gemma2_jax.cli.common import ArgumentParser, dtype_flag, parse_with_overrides
 
 SAMPLE_DEFAULTS = dict(preset=None, checkpoint=None, batch_size=8, prompt_len=None, max_new_tokens=256,
                        max_len=8192, temperature=0.0, top_k=None, top_p=None, dtype="bfloat16",
@@ -62,8 +62,9 @@ def _parse_args(argv):
   g.add_argument("--temperature", type=float, help="0 = greedy (default)")
   g.add_argument("--top_k", type=int)
   g.add_argument("--top_p", type=float)
-  g.add_argument("--dtype", help="param/compute dtype (default bfloat16: sample's `auto` on TPU)")
-  g.add_argument("--cache_dtype", help="KV cache dtype (default bfloat16)")
+  g.add_argument("--dtype", type=dtype_flag(),
+                 help="param/compute dtype (default bfloat16: sample's `auto` on TPU)")
+  g.add_argument("--cache_dtype", type=dtype_flag(), help="KV cache dtype (default bfloat16)")
   g.add_argument("--mesh", help="e.g. tensor=4,data=2 (default: tensor over the kv heads, data the rest)")
   args, overrides = parse_with_overrides(parser, argv)
   given = [k for k in SAMPLE_DEFAULTS if getattr(args, k) is not None]
@@ -97,18 +98,11 @@ def _parse_args(argv):
 
 def _sampler_setup(args):
   """(model config, SamplingConfig, mesh sizes or None) of --sample's flags; ConfigError on bad ones."""
-  import jax.numpy as jnp
-
   from gemma2_jax.data.tokenizer import END_OF_TURN_ID, EOS_ID
   from gemma2_jax.inference.generation import SampleError, mesh_sizes
   from gemma2_jax.inference.sampler import SamplingConfig
   from gemma2_jax.training.experiment import ConfigError
 
-  for flag in ("dtype", "cache_dtype"):
-    try:
-      jnp.dtype(getattr(args, flag))
-    except TypeError:
-      raise ConfigError(f"--{flag} {getattr(args, flag)!r}: use bfloat16 or float32") from None
   try:  # the stop tokens change no shape: <eos> and <end_of_turn>, as with --chat
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, cache_dtype=args.cache_dtype,

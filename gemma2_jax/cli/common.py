@@ -20,6 +20,24 @@ def parse_with_overrides(parser: ArgumentParser, argv) -> tuple[argparse.Namespa
   return args, overrides
 
 
+def dtype_flag(*, auto: bool = False):
+  """An argparse `type` for dtype flags: a float dtype or its alias (`model.config.float_dtype`), or
+  `auto` when `auto`; anything else is the parser's one error line."""
+  def parse(value: str) -> str:
+    from gemma2_jax.errors import UserError
+    from gemma2_jax.model.config import float_dtype
+
+    if auto and value == "auto":
+      return value
+    try:
+      return float_dtype(value)
+    except UserError as e:
+      raise argparse.ArgumentTypeError(str(e) + (" or auto" if auto else "")) from None
+
+  parse.__name__ = "dtype"
+  return parse
+
+
 def add_distributed_flags(parser: ArgumentParser):
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() (TPU pods / SLURM auto-detect, or "

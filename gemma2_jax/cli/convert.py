@@ -18,8 +18,8 @@ import sys
 from tqdm import tqdm
 
 from gemma2_jax.checkpoint import FORMATS
-from gemma2_jax.checkpoint.convert import DTYPES, convert, read_model_config
-from gemma2_jax.cli.common import ArgumentParser
+from gemma2_jax.checkpoint.convert import convert, read_model_config
+from gemma2_jax.cli.common import ArgumentParser, dtype_flag
 from gemma2_jax.errors import UserError
 from gemma2_jax.model.config import PRESETS, get_preset
 
@@ -30,7 +30,7 @@ def parse_args(argv):
   parser.add_argument("--src", required=True, help="checkpoint directory to read")
   parser.add_argument("--dst", required=True, help="new directory to write")
   parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
-  parser.add_argument("--dtype", default=None, choices=DTYPES,
+  parser.add_argument("--dtype", default=None, type=dtype_flag(),
                       help="dtype of the written tensors (default: the dtype the source stores)")
   parser.add_argument("--max_shard_gb", type=float, default=5.0, help="HF output shard size")
   config = parser.add_mutually_exclusive_group()

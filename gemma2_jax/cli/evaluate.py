@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemma2_jax.cli.common import ArgumentParser, run_job
+from gemma2_jax.cli.common import ArgumentParser, dtype_flag, run_job
 
 
 def parse_args(argv):
@@ -32,7 +32,7 @@ def parse_args(argv):
   parser.add_argument("--batch", type=int, default=8, help="rows per step (global)")
   parser.add_argument("--max_batches", type=int, default=None, help="stop after N batches")
   parser.add_argument("--output", default=None, help="write the metrics as JSON")
-  parser.add_argument("--dtype", default="auto",
+  parser.add_argument("--dtype", default="auto", type=dtype_flag(auto=True),
                       help="param/compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
   parser.add_argument("--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2")
   parser.add_argument("--loss_chunk", type=int, default=1024, help="tokens per logits chunk")

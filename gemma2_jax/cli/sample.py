@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemma2_jax.cli.common import ArgumentParser, add_distributed_flags, run_job
+from gemma2_jax.cli.common import ArgumentParser, add_distributed_flags, dtype_flag, run_job
 
 
 def parse_args(argv):
@@ -60,9 +60,10 @@ def parse_args(argv):
                       help="prompts per batch (rounded up to whole rows per batch shard and process)")
   parser.add_argument("--max_len", type=int, default=8192,
                       help="context length: prompt + max_new_tokens must fit (Gemma 2: 8192)")
-  parser.add_argument("--dtype", default="auto",
+  parser.add_argument("--dtype", default="auto", type=dtype_flag(auto=True),
                       help="param/compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
-  parser.add_argument("--cache_dtype", default="bfloat16", help="KV cache dtype")
+  parser.add_argument("--cache_dtype", default="bfloat16", type=dtype_flag(),
+                      help="KV cache dtype (float32, bfloat16, float16, or bf16, fp32, ...)")
   parser.add_argument("--mesh", default="",
                       help="e.g. tensor=4,data=2 (default: tensor over the kv heads, data the rest)")
   parser.add_argument("--no_progress", action="store_true")

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import NamedTuple
 
+from gemma2_jax.errors import UserError
 from gemma2_jax.inference.prompts import SampleError, default_tokenizer, open_output, read_prompts
 
 STREAM_CHUNK = 8  # tokens decoded per device call while streaming one prompt
@@ -96,21 +97,28 @@ def read_inputs(job: SampleJob) -> Inputs:
   from gemma2_jax.data.tokenizer import Tokenizer
   from gemma2_jax.inference.sampler import SamplingConfig, encode_prompt, stop_ids
 
-  checkpoint.detect_format(job.checkpoint)
-  tokenizer = Tokenizer(job.tokenizer or default_tokenizer(job.checkpoint))
-  prompts = [job.prompt] if job.prompt is not None else read_prompts(job.prompts, job.chat)
-  encoded = [encode_prompt(tokenizer, p, job.chat) for p in prompts]
-  for i, ids in enumerate(encoded):
-    if len(ids) + job.max_new_tokens > job.max_len:
-      where = "the prompt" if job.prompt is not None else f"prompt {i + 1} of {job.prompts}"
-      raise SampleError(f"{where} has {len(ids)} tokens: with --max_new_tokens "
-                        f"{job.max_new_tokens} it exceeds the context --max_len {job.max_len}")
   cfg = checkpoint.read_config(job.checkpoint)
+  tokenizer = Tokenizer(job.tokenizer or default_tokenizer(job.checkpoint))
+  if job.prompt is not None:
+    prompts, places = [job.prompt], ["--prompt"]
+  else:
+    prompts, places = read_prompts(job.prompts, job.chat)
+  encoded = []
+  for prompt, where in zip(prompts, places, strict=True):
+    try:
+      ids = encode_prompt(tokenizer, prompt, job.chat)
+    except UserError as e:
+      raise type(e)(f"{where}: {e}") from None
+    if len(ids) + job.max_new_tokens > job.max_len:
+      raise SampleError(f"{where}: the prompt has {len(ids)} tokens: with --max_new_tokens "
+                        f"{job.max_new_tokens} it exceeds the context --max_len {job.max_len}")
+    encoded.append(ids)
   tokenizer.check(cfg.vocab_size)
   dtype_for(job.dtype)
   mesh = make_sampler_mesh(job.mesh, cfg)
   sampling = SamplingConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-                            top_k=job.top_k, top_p=job.top_p, cache_dtype=job.cache_dtype,
+                            top_k=job.top_k, top_p=job.top_p,
+                            cache_dtype=dtype_for(job.cache_dtype, "--cache_dtype"),
                             stop_tokens=stop_ids(tokenizer, job.chat, job.stop_ids))
   return Inputs(tokenizer, prompts, encoded, cfg, mesh, sampling)
 
@@ -179,17 +187,19 @@ def load_sampler(checkpoint_path: str, dtype: str, cfg, mesh):
   return Sampler(cfg.replace(dtype=dtype), params, mesh=mesh)
 
 
-def dtype_for(name: str) -> str:
-  """`auto`: float32 on CPU (bf16 matmuls are slow there), bfloat16 on accelerators."""
+def dtype_for(name: str, flag: str = "--dtype") -> str:
+  """The float dtype `name` (or alias) names; `auto`: float32 on CPU (bf16 matmuls are slow there),
+  bfloat16 on accelerators. A SampleError naming `flag` for anything else."""
   import jax
-  import numpy as np
+
+  from gemma2_jax.model.config import float_dtype
 
   if name == "auto":
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
   try:
-    return np.dtype(name).name if name != "bfloat16" else name
-  except TypeError:
-    raise SampleError(f"--dtype {name!r}: use float32, bfloat16 or auto") from None
+    return float_dtype(name)
+  except UserError as e:
+    raise SampleError(f"{flag} {e} or auto") from None
 
 
 def mesh_sizes(spec: str, num_kv_heads: int, num_devices: int) -> dict[str, int]:

@@ -8,11 +8,28 @@ from typing import Literal, get_args
 
 import jax.numpy as jnp
 
+from gemma2_jax.errors import UserError
+
 # "auto" picks per platform at trace time (resolve_attention_impl); "splash" is the TPU Pallas kernel
 # (interpret mode elsewhere: tests only), "gpu_flash" the GPU kernel.
 AttentionImpl = Literal["auto", "xla", "blockwise", "splash", "gpu_flash"]
 ATTENTION_IMPLS = get_args(AttentionImpl)
 Remat = Literal["none", "full", "save_dots"]
+
+# The dtypes params, compute and KV caches may take, and the short names users type for them.
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                 "f16": "float16", "half": "float16"}
+
+
+def float_dtype(name: str) -> str:
+  """The canonical name of the float dtype `name` (or an alias: bf16, fp32, ...); a UserError for
+  anything else, int8 included: weights, compute and caches are floats."""
+  canonical = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+  if canonical not in FLOAT_DTYPES:
+    raise UserError(f"{name!r} is not a float dtype: use {', '.join(FLOAT_DTYPES)} (or "
+                    f"{', '.join(DTYPE_ALIASES)})")
+  return canonical
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -12,12 +12,14 @@ import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gemma2_jax.errors import UserError
 
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
@@ -40,22 +42,26 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+class MeshError(UserError):
+  """A mesh the devices cannot form, or a batch it cannot split evenly: every command's one check."""
+
+
 def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
   """Fills the single -1 entry with the remaining devices; checks the product."""
   unknown = [k for k in MESH_AXES if sizes.get(k, 1) == -1]
   if len(unknown) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {unknown}")
+    raise MeshError(f"mesh: at most one axis may be -1, got {unknown}")
   known = math.prod(sizes.get(k, 1) for k in MESH_AXES if k not in unknown)
   if any(sizes.get(k, 1) < 1 and k not in unknown for k in MESH_AXES):
-    raise ValueError(f"mesh: axis sizes must be positive or -1, got {dict(sizes)}")
+    raise MeshError(f"mesh: axis sizes must be positive or -1, got {dict(sizes)}")
   out = {k: sizes.get(k, 1) for k in MESH_AXES}
   if unknown:
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+      raise MeshError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
                        f"({known} = product of {dict(sizes)})")
     out[unknown[0]] = num_devices // known
   if math.prod(out.values()) != num_devices:
-    raise ValueError(f"mesh: axes {out} hold {math.prod(out.values())} devices but "
+    raise MeshError(f"mesh: axes {out} hold {math.prod(out.values())} devices but "
                      f"{num_devices} are present; set one axis to -1 or fix the sizes")
   return out
 
@@ -188,7 +194,7 @@ def data_group(sharding: NamedSharding, global_batch: int, process_index: int | 
   groups = sorted(set(per_process.values()))
   rows_of = [{r for start, stop in g for r in range(start, stop)} for g in groups]
   if len({len(r) for r in rows_of}) != 1 or sum(map(len, rows_of)) != global_batch:
-    raise ValueError(
+    raise MeshError(
       f"the batch sharding {sharding.spec} gives processes overlapping or unequal row sets "
       f"({per_process}); make the batch axes (dcn, data, fsdp) split hosts evenly")
   pi = jax.process_index() if process_index is None else process_index
@@ -225,6 +231,20 @@ def global_to_host(x: jax.Array) -> np.ndarray:
     start, stop, _ = shard.index[0].indices(x.shape[0])
     pieces.setdefault(start, shard.data)
   return np.concatenate([np.asarray(pieces[start]) for start in sorted(pieces)])
+
+
+def check_batch(rows: int, mesh_shape: Mapping[str, int], rules, what: str) -> int:
+  """The number of batch shards of a mesh of `mesh_shape` (a Mesh's `.shape`, or the sizes of
+  `resolve_mesh_shape`) under `rules`; a MeshError naming `what` unless `rows` splits evenly over
+  them. Every command checks its batch against its mesh here, before anything is compiled."""
+  axes = logical_to_spec(("batch",), rules)[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  shards = math.prod(mesh_shape[a] for a in axes)
+  if rows % shards:
+    mesh = ",".join(f"{k}={v}" for k, v in mesh_shape.items() if v != 1) or "one device"
+    raise MeshError(f"{what} of {rows} rows is not divisible by the {shards} batch shards of the "
+                    f"mesh ({mesh}): use a multiple of {shards}, or another mesh")
+  return shards
 
 
 def batch_shards(sharding: NamedSharding) -> int:

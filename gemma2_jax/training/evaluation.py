@@ -62,19 +62,20 @@ def evaluate_checkpoint(checkpoint_path: str, data: str, *, tokenizer: str | Non
   from gemma2_jax.parallel.sharding import (
     DEFAULT_RULES,
     batch_sharding,
+    check_batch,
     host_to_global,
     logical_to_sharding,
   )
   from gemma2_jax.training.programs import eval_program
 
-  checkpoint.detect_format(checkpoint_path)
-  tokenizer = tokenizer or default_tokenizer(checkpoint_path)
   cfg = checkpoint.read_config(checkpoint_path)
+  tokenizer = tokenizer or default_tokenizer(checkpoint_path)
+  dtype = dtype_for(dtype)
   device_mesh = make_sampler_mesh(mesh, cfg)
+  check_batch(batch, device_mesh.shape, DEFAULT_RULES, "--batch")
   rows_sharding = batch_sharding(device_mesh, DEFAULT_RULES)
   batches = _eval_batches(data, data_format, text_field, seq_len, batch, max_batches, rows_sharding,
                           tokenizer, cfg)
-  dtype = dtype_for(dtype)
   param_shardings = logical_to_sharding(LOGICAL_AXES, device_mesh, DEFAULT_RULES)
   cfg, params = checkpoint.load_sharded(checkpoint_path, dtype, param_shardings, config=cfg)
   cfg = cfg.replace(dtype=dtype)

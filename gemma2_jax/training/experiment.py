@@ -18,7 +18,14 @@ from gemma2_jax.data.config import DataConfig
 from gemma2_jax.distill.config import DistillConfig, TeacherConfig
 from gemma2_jax.errors import UserError
 from gemma2_jax.model.config import ModelConfig
-from gemma2_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, normalize_rules, resolve_mesh_shape
+from gemma2_jax.parallel.sharding import (
+  DEFAULT_RULES,
+  MESH_AXES,
+  MeshError,
+  check_batch,
+  normalize_rules,
+  resolve_mesh_shape,
+)
 from gemma2_jax.training.optim import OptimizerConfig
 
 TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from", "checkpoint",
@@ -167,7 +174,7 @@ def from_config(config, *, num_devices: int) -> Experiment:
     raise ConfigError(f"unknown mesh axis {bad_axes[0]!r} (valid: {', '.join(MESH_AXES)})")
   try:
     mesh = resolve_mesh_shape(mesh_sizes, num_devices)
-  except ValueError as e:
+  except MeshError as e:
     raise ConfigError(str(e)) from None
   rules = normalize_rules(c.get("sharding_rules", DEFAULT_RULES))
   for name, axes in rules:
@@ -175,14 +182,14 @@ def from_config(config, *, num_devices: int) -> Experiment:
       if axis not in MESH_AXES:
         raise ConfigError(f"sharding rule {name!r} names unknown mesh axis {axis!r}")
 
-  batch_shards = mesh["dcn"] * mesh["data"] * mesh["fsdp"]
-  micro = train.global_batch // train.grad_accum_steps
   if train.global_batch % train.grad_accum_steps:
     raise ConfigError(f"train.global_batch={train.global_batch} is not divisible by "
                       f"train.grad_accum_steps={train.grad_accum_steps}")
-  if micro % batch_shards:
-    raise ConfigError(f"micro-batch of {micro} sequences (global_batch / grad_accum_steps) is not "
-                      f"divisible by the {batch_shards} batch shards of mesh {mesh}")
+  try:
+    check_batch(train.global_batch // train.grad_accum_steps, mesh, rules,
+                "the micro-batch (train.global_batch / train.grad_accum_steps)")
+  except MeshError as e:
+    raise ConfigError(str(e)) from None
 
   teacher = distill = None
   offline_paths = ""

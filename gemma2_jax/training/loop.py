@@ -12,6 +12,7 @@ import jax
 
 from gemma2_jax import checkpoint, paths
 from gemma2_jax.checkpoint.manager import TrainCheckpointer
+from gemma2_jax.checkpoint.workdir import run_config
 from gemma2_jax.errors import UserError
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.parallel.sharding import (
@@ -79,17 +80,10 @@ class Trainer:
     path = self.workdir / "config.json"
     mine = self.exp.to_json_dict()
     if path.exists():
-      try:
-        saved = json.loads(path.read_text())
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        saved = e
-      if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-        why = (f"not valid JSON ({saved})" if isinstance(saved, Exception)
-               else "not the config of a training run (no model section)")
-        # Never rewritten here: it is what ties the workdir's checkpoints to their model.
-        raise checkpoint.CheckpointError(
-          f"{path} is {why}; every checkpoint keeps a copy of it: restore it with cp "
-          f"{self.workdir / 'checkpoints'}/STEP/config/metadata {path}, or use a new --workdir")
+      try:  # never rewritten here: it is what ties the workdir's checkpoints to their model
+        saved = run_config(self.workdir)
+      except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"{e}, or use a new --workdir") from None
       # Fields added to ModelConfig after that run was written take their defaults.
       theirs = {**dataclass_defaults(ModelConfig), **saved["model"]}
       diff = sorted(k for k in set(theirs) | set(mine["model"])

@@ -27,10 +27,11 @@ from gemma2_jax.parallel.sharding import (
   activation_sharding,
   batch_sharding,
   batch_shards,
+  check_batch,
   logical_to_sharding,
   logical_to_spec,
 )
-from gemma2_jax.training.experiment import ConfigError, Experiment
+from gemma2_jax.training.experiment import Experiment
 from gemma2_jax.training.modes import EVAL_BATCH, Mode
 from gemma2_jax.training.optim import make_optimizer
 from gemma2_jax.training.state import Shardings, abstract_state, state_shardings
@@ -123,12 +124,10 @@ def topk_program(exp: Experiment, teacher_cfg: ModelConfig, mesh: Mesh, k: int,
   """(teacher params, tokens, positions, segment_ids [B, T]) -> (top-k log-probs, ids) [B, T, k]:
   `python -m gemma2_jax.teacher_logits`'s step. B defaults to one row per batch shard."""
   batch_sh = batch_sharding(mesh, exp.rules)
-  n_shards = batch_shards(batch_sh)
   # One row per batch shard by default: train.global_batch rows (512 x 8k for distill_9b) in one
   # forward would need ~0.5 TB for a single chunk's fp32 logits over a 256k vocab.
-  B = batch_size or n_shards
-  if B % n_shards:
-    raise ConfigError(f"batch of {B} rows is not divisible by the {n_shards} batch shards of the mesh")
+  B = batch_size or batch_shards(batch_sh)
+  check_batch(B, mesh.shape, exp.rules, "the teacher's batch (--batch_size)")
   out_sh = NamedSharding(mesh, logical_to_spec(("batch", "length", None), exp.rules))
   t_sh = teacher_shardings(exp.teacher, exp.rules, mesh)
   fn = jax.jit(make_topk_fn(teacher_cfg, k, exp.train.loss_chunk), in_shardings=(t_sh, *[batch_sh] * 3),
