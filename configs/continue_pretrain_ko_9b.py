@@ -12,8 +12,9 @@ a global batch of 256 x 8192 tokens (2M tokens) built from 8 accumulated micro-b
 `python -m gemma2_jax.aot --config=configs/continue_pretrain_ko_9b.py --topology=v5p:4x4x2`: 38.5 GiB
 peak per chip of 95, 58.2 with the XLA blockwise attention).
 The data mix is 70% Korean web/news/blog text and 30% English (to limit forgetting), by packed
-rows. Expect the Korean eval bits per byte to drop steadily in the first few thousand steps while
-the English eval loss stays within a few hundredths of a nat of its start.
+rows. Two eval sets: expect the Korean one's bits per byte (`eval/ko/bits_per_byte`) to drop steadily
+in the first few thousand steps while the English loss (`eval/en/loss`, the forgetting watch) stays
+within a few hundredths of a nat of its start.
 """
 
 from gemma2_jax.model.config import gemma2_9b
@@ -37,7 +38,8 @@ def get_config():
     {**source, "name": "ko", "paths": ["gs://BUCKET/ko/*.jsonl"], "format": "jsonl", "weight": 0.7},
     {**source, "name": "en", "paths": ["gs://BUCKET/en/*.jsonl"], "format": "jsonl", "weight": 0.3},
   ]
-  c.data.eval = dict(c.data.train)
-  c.data.eval.sources = [{**source, "name": "ko_eval", "paths": ["gs://BUCKET/ko_eval/*.jsonl"],
-                          "format": "jsonl"}]
+  c.data.eval = {  # two eval sets, logged as eval/ko/... and eval/en/...
+    name: {**dict(c.data.train), "sources": [
+      {**source, "name": f"{name}_eval", "paths": [f"gs://BUCKET/{name}_eval/*.jsonl"], "format": "jsonl"}]}
+    for name in ("ko", "en")}
   return c

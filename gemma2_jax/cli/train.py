@@ -39,8 +39,9 @@ def main(argv=None) -> int:
         print(f"stopped: preempted at step {summary['preempted_at_step']} of {exp.train.steps}; "
               f"the checkpoint is saved, re-run the same command to resume; workdir={args.workdir}")
       else:
-        keys = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "tokens_per_s", "mfu")
-        parts = [f"{k}={summary[k]:.4g}" for k in keys if k in summary]
+        keys = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte")
+        keys += tuple(k for k in summary if k.startswith("eval/") and k.endswith(("/loss", "/bits_per_byte")))
+        parts = [f"{k}={summary[k]:.4g}" for k in (*keys, "tokens_per_s", "mfu") if k in summary]
         print(f"done: {exp.train.steps} steps; " + " ".join(parts) + f"; workdir={args.workdir}")
       write_json(f"{args.workdir}/summary.json", summary)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -72,7 +73,9 @@ class Experiment:
   optimizer: OptimizerConfig
   train: TrainConfig
   data_train: DataConfig
-  data_eval: DataConfig | None
+  # Eval sets by name: "" is a single unnamed set (logged as eval_loss, ...), others as
+  # eval/<name>/loss, ...; all have the train data's rows (seq_len, global_batch).
+  data_eval: dict[str, DataConfig]
   tokenizer: str
   init_from: str
   checkpoint: CheckpointConfig = CheckpointConfig()
@@ -155,6 +158,29 @@ def _data_config(section: str, d: dict | None, shape: dict) -> DataConfig | None
   return typed(DataConfig, section, d, **shape)
 
 
+def _eval_sets(d: dict | None, shape: dict) -> dict[str, DataConfig]:
+  """`data.eval`: one data section (the set "") or a dict of named ones (`data.eval.<name>`)."""
+  if not d:
+    return {}
+  if set(d) & (set(SOURCE_SHORTCUT) | {f.name for f in dataclasses.fields(DataConfig)}):
+    one = _data_config("data.eval", d, shape)
+    return {"": one} if one else {}
+  sets = {}
+  for name, section in d.items():
+    if not isinstance(section, dict) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+      raise ConfigError(f"data.eval.{name}: data.eval is one data section (paths, sources, ...) or a "
+                        "dict of them by name (letters, digits, _ . -), e.g. data.eval.ko.paths=...")
+    one = _data_config(f"data.eval.{name}", section, shape)
+    if one:
+      sets[name] = one
+  return sets
+
+
+def eval_metric_name(set_name: str, metric: str) -> str:
+  """The logged name of an eval set's metric (`metric` as `run_eval` returns it: eval_loss, ...)."""
+  return metric if not set_name else f"eval/{set_name}/{metric.removeprefix('eval_')}"
+
+
 def from_config(config, *, num_devices: int) -> Experiment:
   c = _plain(config)
   unknown = sorted(set(c) - set(TOP_LEVEL))
@@ -221,7 +247,7 @@ def from_config(config, *, num_devices: int) -> Experiment:
   if data_train is None:
     raise ConfigError("data.train has no source: set data.train.paths (comma-separated globs) or "
                       "data.train.sources")
-  data_eval = _data_config("data.eval", data.get("eval"), shape)
+  data_eval = _eval_sets(data.get("eval"), shape)
   if distill is not None and distill.onpolicy_lambda > 0:
     _check_onpolicy(distill, teacher, data_train, train)
   return Experiment(model=model, mesh=mesh, rules=rules, optimizer=optimizer, train=train,

@@ -20,7 +20,7 @@ from gemma2_jax.parallel.sharding import (
   make_mesh,
 )
 from gemma2_jax.training import flops, modes, programs
-from gemma2_jax.training.experiment import Experiment, dataclass_defaults
+from gemma2_jax.training.experiment import Experiment, dataclass_defaults, eval_metric_name
 from gemma2_jax.training.hooks import Checkpointer, Evaluator, HFExport, MetricsLogger, Profiler
 from gemma2_jax.training.state import TrainState, abstract_state, init_state, to_global
 
@@ -46,6 +46,7 @@ class Trainer:
     self.data_kw = dict(tokenizer_path=exp.tokenizer, vocab_size=exp.model.vocab_size,
                         num_real_tokens=exp.model.num_real_tokens)
     self.teacher_params = self.mode.load_teacher(self.mesh)
+    self.eval_iters = {}  # eval set name -> its iterator, built at the first eval
     self.flops_per_token = flops.train_flops_per_token(exp.model, exp.train.seq_len)
     self.peak = flops.peak_flops_per_device(exp.train.peak_tflops_per_device * 1e12)
 
@@ -54,14 +55,25 @@ class Trainer:
     return to_global(self.mode.batch.host(host_batch), self.sh)
 
   def evaluate(self, params) -> dict:
+    """Every eval set's metrics (`experiment.eval_metric_name`); each set's iterator (and so its
+    index of the data) is built once, at the first eval, and rewound for the next."""
     from gemma2_jax.data.pipeline import make_eval_iterator
     from gemma2_jax.training.evaluation import run_eval
 
-    group = data_group(self.sh.batch, self.exp.data_eval.global_batch)
-    it = make_eval_iterator(self.exp.data_eval, num_batches=self.exp.train.eval_batches,
-                            process_index=group.index, process_count=group.count, **self.data_kw)
-    return run_eval(self.eval_step, params, it, lambda b: to_global(b, self.sh),
+    out = {}
+    for name, data in self.exp.data_eval.items():
+      it = self.eval_iters.get(name)
+      if it is None:
+        group = data_group(self.sh.batch, data.global_batch)
+        it = self.eval_iters[name] = make_eval_iterator(
+          data, num_batches=self.exp.train.eval_batches, process_index=group.index,
+          process_count=group.count, **self.data_kw)
+      else:
+        it.rewind()
+      ev = run_eval(self.eval_step, params, it, lambda b: to_global(b, self.sh),
                     max_batches=self.exp.train.eval_batches)
+      out.update({eval_metric_name(name, k): v for k, v in ev.items()})
+    return out
 
   def _check_workdir(self):
     """A workdir belongs to one model: refuse (before touching anything) to mix runs.
@@ -136,7 +148,7 @@ class Trainer:
     exp, tcfg = self.exp, self.exp.train
     profiler = Profiler(str(self.workdir / "profile"), tcfg.profile_start, tcfg.profile_steps)
     evaluator = Evaluator(self.evaluate, logger.writer, every=tcfg.eval_every, steps=tcfg.steps,
-                          enabled=exp.data_eval is not None)
+                          enabled=bool(exp.data_eval))
     saver = Checkpointer(ckpt, self.train_iter, exp.to_json_dict(), save_every=exp.checkpoint.save_every,
                          steps=tcfg.steps, stop_requested=preempted, check_finite=self._check_finite)
     export = HFExport(self.workdir, exp.model, steps=tcfg.steps, enabled=bool(exp.checkpoint.export_hf))
@@ -173,10 +185,11 @@ class Trainer:
     return self.train_step(state, self.global_batch(batch), self.teacher_params)
 
   def _stop_data(self):
-    """Stops and joins the train data pipeline's threads (so an error is the last line printed)."""
-    close = getattr(self.train_iter, "close", None)  # tests may substitute a plain iterator
-    if close is not None:
-      close()
+    """Stops and joins the data pipelines' threads (so an error is the last line printed)."""
+    for it in (self.train_iter, *self.eval_iters.values()):
+      close = getattr(it, "close", None)  # tests may substitute a plain iterator
+      if close is not None:
+        close()
 
   def _check_finite(self, m: dict, step: int) -> int:
     """1 if step's update was skipped as non-finite, 0 if finite; raises in 'stop' mode."""

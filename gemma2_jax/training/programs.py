@@ -105,8 +105,9 @@ def eval_program(model: ModelConfig, mesh: Mesh, rules, *, batch: int, seq_len: 
 
 
 def trainer_eval_program(exp: Experiment, mesh: Mesh) -> Program:
-  """The trainer's periodic eval: the eval data's rows, in the train step's micro-batches (its memory)."""
-  d = exp.data_eval or exp.data_train
+  """The trainer's periodic eval: the eval data's rows (every eval set has the train data's), in the
+  train step's micro-batches (its memory)."""
+  d = exp.data_train
   return eval_program(exp.model, mesh, exp.rules, batch=d.global_batch, seq_len=d.seq_len,
                       chunk=exp.train.loss_chunk, micro_batches=exp.train.grad_accum_steps)
 
