@@ -64,11 +64,12 @@ def _median_time(fn, runs):
   return float(np.median(times))
 
 
-def bench(name, runs):
+def bench(name, runs, grad_accum):
   student, teacher_cfg, B, T, N = SIZES[name]
   c = load_config_file(str(ROOT / "configs" / "onpolicy_distill_tiny.py"))
   c.model = student.to_dict()
-  c.train.update(global_batch=B, seq_len=T, loss_chunk=min(T, 128), steps=10)
+  c.train.update(global_batch=B, seq_len=T, loss_chunk=min(T, 128), steps=10,
+                 grad_accum_steps=min(grad_accum, B))
   c.distill.onpolicy_max_new_tokens = N
   exp = from_config(c, num_devices=1)
   exp = dataclasses.replace(exp, mesh={"dcn": 1, "data": 1, "fsdp": 1, "tensor": 1},
@@ -106,7 +107,8 @@ def bench(name, runs):
   gen = float(run(1.0)["gen_tokens"])
   print(f"[{name}] student d={student.d_model} L={student.num_layers}, teacher "
         f"d={teacher_cfg.d_model} L={teacher_cfg.num_layers}, V={student.vocab_size}, batch {B} x "
-        f"{T} tokens, {N} new tokens per row ({gen:.0f} generated), fp32, median of {runs}")
+        f"{T} tokens in {exp.train.grad_accum_steps} micro-batches, {N} new tokens per row "
+        f"({gen:.0f} generated), fp32, median of {runs}")
   print(f"  off-policy KD step {t_off * 1e3:8.1f} ms")
   print(f"  on-policy step     {t_on * 1e3:8.1f} ms")
   print(f"  split of an on-policy step: sampling {t_sample * 1e3:.1f} ms "
@@ -121,6 +123,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sizes", default="tiny,mid")
   p.add_argument("--runs", type=int, default=5)
+  p.add_argument("--grad_accum", type=int, default=4, help="micro-batches per step")
   p.add_argument("--smoke", action="store_true",
                  help="tiny sizes: a seconds-long check that the script runs (tests/test_scripts.py)")
   a = p.parse_args()
@@ -129,7 +132,7 @@ def main():
     a = p.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores")
   for name in a.sizes.split(","):
-    bench(name, a.runs)
+    bench(name, a.runs, a.grad_accum)
 
 
 if __name__ == "__main__":

@@ -292,3 +292,35 @@ def test_decode_loop_gathers_no_weights_under_fsdp():
                                        sampling=SamplingConfig(max_new_tokens=16))
   inside, outside = _reachable_collective_bytes(compiled.decode.as_text())
   assert inside == 0 and outside >= compiled.param_bytes_per_chip, (inside, outside)
+
+
+def _loops(jaxpr, inside_scan=False, found=None):
+  """(while loops outside any scan, while loops inside a scan's body) of a closed jaxpr, recursively."""
+  found = found if found is not None else [0, 0]
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "while":
+      found[inside_scan] += 1
+    for param in eqn.params.values():
+      for j in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(j, "jaxpr", j)  # a ClosedJaxpr's jaxpr, or a Jaxpr
+        if hasattr(inner, "eqns"):
+          _loops(inner, inside_scan or eqn.primitive.name == "scan", found)
+  return found
+
+
+def test_onpolicy_samples_once_per_step_before_the_micro_batches(chat_setup):
+  """Sampling runs once for all rows, outside the micro-batch loop (decoding reads the weights once
+  per token for the whole batch); the samples, and so the step, do not depend on grad_accum_steps."""
+  exp, batches = chat_setup
+  results = {}
+  for k in (1, 4):
+    e = dataclasses.replace(exp, train=dataclasses.replace(exp.train, grad_accum_steps=k))
+    e1, state, (new, m), mode, teacher_params = _run(e, batches[0], lam=1.0)
+    step = programs.train_program(e1, mode, make_mesh(e1.mesh, jax.devices()[:1]))
+    jaxpr = jax.make_jaxpr(step.fn)(state, {k_: jnp.asarray(v) for k_, v in batches[0].items()},
+                                    teacher_params)
+    outside, inside = _loops(jaxpr.jaxpr)
+    assert outside >= 1 and inside == 0, (k, outside, inside)
+    results[k] = m
+  assert float(results[1]["gen_tokens"]) == float(results[4]["gen_tokens"])
+  np.testing.assert_allclose(float(results[1]["loss"]), float(results[4]["loss"]), rtol=1e-5)

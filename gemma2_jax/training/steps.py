@@ -35,41 +35,27 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
   """(state, batch, teacher_params) -> (state, metrics); batch leaves are [global_batch, T, ...].
 
   The mode gives the loss (`mode.objective`) and, for on-policy distillation (`mode.sampling`, see
-  gemma2_jax/distill/onpolicy.py), the student's sampling: each micro-batch's responses may first be
-  replaced by the student's samples. teacher_params is None except for online distillation; it is an
-  argument (never optimizer state).
+  gemma2_jax/distill/onpolicy.py), the student's sampling: the responses of the whole batch may first
+  be replaced by the student's samples, all rows at once before the micro-batch loop (decoding reads
+  the weights once per token for every row, not once per micro-batch; the KV cache holds all rows).
+  teacher_params is None except for online distillation; it is an argument (never optimizer state).
   """
   k = exp.train.grad_accum_steps
   objective, sampling = mode.objective, mode.sampling
   lam = exp.distill.onpolicy_lambda if sampling is not None else 0.0
 
   def train_step(state: TrainState, batch: dict, teacher_params=None):
+    gen = {}
     if lam:
-      coin_key, row_key = onpolicy.step_keys(exp.train.seed, state.step)
-      on = onpolicy.use_policy(lam, coin_key)
-      batch = {**batch, "row": jnp.arange(batch["tokens"].shape[0], dtype=jnp.uint32)}
+      batch, gen = sample_responses(state, batch)
 
     def grads_and_sums(micro_batch):
-      gen = {}
-      if lam:
-        micro_batch = dict(micro_batch)
-        keys_B = jax.vmap(functools.partial(jax.random.fold_in, row_key))(micro_batch.pop("row"))
-        gen["rows"] = jnp.sum(jnp.any(micro_batch["loss_mask"] > 0, axis=1).astype(jnp.float32))
-
-        def sample(mb):
-          return onpolicy.onpolicy_batch(exp.model, state.params, mb, keys_B, sampling)
-
-        def keep(mb):
-          return mb, {"gen_rows": jnp.zeros(()), "gen_tokens": jnp.zeros(())}
-
-        micro_batch, sampled = (sample(micro_batch) if on is True
-                                else jax.lax.cond(on, sample, keep, micro_batch))
-        gen.update(sampled)
       (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch,
                                                               teacher_params, state.step)
-      return g, {**s, **gen}
+      return g, s
 
     grads, sums = sum_over_micro_batches(grads_and_sums, batch, k)
+    sums = {**sums, **gen}
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)  # token-weighted mean over the whole batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -97,6 +83,24 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
       metrics["alpha"], metrics["temperature"] = (
         jnp.asarray(v, jnp.float32) for v in distill_schedule(exp.distill, state.step))
     return new, metrics
+
+  def sample_responses(state: TrainState, batch: dict):
+    """With probability lam this step, every row's response replaced by the student's sample (row
+    r's key: the step's row key folded with r); (batch, generation sums)."""
+    coin_key, row_key = onpolicy.step_keys(exp.train.seed, state.step)
+    on = onpolicy.use_policy(lam, coin_key)
+    rows_B = jnp.arange(batch["tokens"].shape[0], dtype=jnp.uint32)
+    keys_B = jax.vmap(functools.partial(jax.random.fold_in, row_key))(rows_B)
+    gen = {"rows": jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=1).astype(jnp.float32))}
+
+    def sample(b):
+      return onpolicy.onpolicy_batch(exp.model, state.params, b, keys_B, sampling)
+
+    def keep(b):
+      return b, {"gen_rows": jnp.zeros(()), "gen_tokens": jnp.zeros(())}
+
+    batch, sampled = sample(batch) if on is True else jax.lax.cond(on, sample, keep, batch)
+    return batch, {**gen, **sampled}
 
   return train_step
 
