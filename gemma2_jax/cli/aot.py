@@ -155,10 +155,12 @@ def _does_not_fit(e: Exception) -> str | None:
 
 
 def _config_main(args, overrides, devices) -> int:
+  from gemma2_jax.parallel.sharding import num_slices
   from gemma2_jax.training import preflight
   from gemma2_jax.training.experiment import apply_overrides, from_config, load_config_file
 
-  exp = from_config(apply_overrides(load_config_file(args.config), overrides), num_devices=len(devices))
+  exp = from_config(apply_overrides(load_config_file(args.config), overrides), num_devices=len(devices),
+                    num_slices=num_slices(devices))
   compiled = {}
   for program in preflight.job_programs(exp, devices, topk=args.topk):
     try:

@@ -27,12 +27,13 @@ def main(argv=None) -> int:
   def train() -> int:
     import jax
 
+    from gemma2_jax.parallel.sharding import num_slices
     from gemma2_jax.training.experiment import apply_overrides, from_config, load_config_file
     from gemma2_jax.training.loop import Trainer
     from gemma2_jax.training.metrics import write_json
 
     config = apply_overrides(load_config_file(args.config), overrides)
-    exp = from_config(config, num_devices=jax.device_count())
+    exp = from_config(config, num_devices=jax.device_count(), num_slices=num_slices(jax.devices()))
     summary = Trainer(exp, args.workdir).run()
     if jax.process_index() == 0:
       if "preempted_at_step" in summary:
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
       else:
         keys = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte")
         keys += tuple(k for k in summary if k.startswith("eval/") and k.endswith(("/loss", "/bits_per_byte")))
-        parts = [f"{k}={summary[k]:.4g}" for k in (*keys, "tokens_per_s", "mfu") if k in summary]
+        parts = [f"{k}={summary[k]:.4g}" for k in (*keys, "tokens_per_s", "mfu", "goodput") if k in summary]
         print(f"done: {exp.train.steps} steps; " + " ".join(parts) + f"; workdir={args.workdir}")
       write_json(f"{args.workdir}/summary.json", summary)
     return 0

@@ -66,18 +66,54 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int
   return out
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """How many slices (TPU multislice: ICI islands joined by DCN) the devices span; 1 elsewhere."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def check_slices(shape: Mapping[str, int], devices: Sequence[jax.Device]) -> None:
+  """A MeshError unless `dcn` spans exactly the devices' slices (TPU), or their processes when the
+  devices have no slices (GPU / CPU hosts): any other axis over DCN would move FSDP all-gathers or
+  tensor-parallel collectives onto the slow links without a word."""
+  slices = num_slices(devices)
+  if slices > 1 and shape["dcn"] != slices:
+    raise MeshError(f"mesh {_mesh_str(shape)}: the {len(devices)} devices span {slices} slices, so "
+                    f"mesh.dcn must be {slices} (data parallel across slices over DCN; the other axes "
+                    f"within a slice), got {shape['dcn']}")
+  processes = len({d.process_index for d in devices})
+  if slices == 1 and shape["dcn"] > 1 and processes % shape["dcn"]:
+    raise MeshError(f"mesh {_mesh_str(shape)}: dcn={shape['dcn']} groups whole processes (the devices "
+                    f"have no slices), but there are {processes}; use a divisor of {processes}")
+
+
+def _mesh_str(shape: Mapping[str, int]) -> str:
+  return ",".join(f"{k}={v}" for k, v in shape.items() if v != 1) or "of one device"
+
+
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of `sizes` (see resolve_mesh_shape) over `devices`, laid out on the physical topology
+  (ICI axes within a slice, `dcn` across slices or process groups); a MeshError naming the mesh when
+  it cannot be, never a silent fallback to device order."""
   devices = list(devices if devices is not None else jax.devices())
   shape = resolve_mesh_shape(sizes, len(devices))
-  if shape["dcn"] > 1:
-    ici = [1, shape["data"], shape["fsdp"], shape["tensor"]]
-    dcn = [shape["dcn"], 1, 1, 1]
-    device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-  else:
-    try:
-      device_array = mesh_utils.create_device_mesh([shape[k] for k in MESH_AXES], devices)
-    except (AssertionError, NotImplementedError, ValueError):
-      device_array = np.asarray(devices).reshape([shape[k] for k in MESH_AXES])
+  check_slices(shape, devices)
+  ici = [shape[k] for k in MESH_AXES]
+  try:
+    if shape["dcn"] > 1:
+      ici[0] = 1
+      device_array = mesh_utils.create_hybrid_device_mesh(
+        ici, [shape["dcn"], 1, 1, 1], devices, process_is_granule=num_slices(devices) == 1,
+        allow_split_physical_axes=True)
+    else:
+      try:
+        device_array = mesh_utils.create_device_mesh(ici, devices)
+      except (AssertionError, NotImplementedError, ValueError):
+        # An axis that does not follow the chips' physical axes: split them (still a physical layout).
+        device_array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+  except (AssertionError, NotImplementedError, ValueError) as e:
+    raise MeshError(f"mesh {_mesh_str(shape)} cannot be laid out on the {len(devices)} "
+                    f"{devices[0].device_kind} devices ({' '.join(str(e).split())[:200]}); choose axis "
+                    "sizes that follow the topology (see python -m gemma2_jax.aot)") from None
   return Mesh(device_array, MESH_AXES)
 
 
@@ -241,9 +277,8 @@ def check_batch(rows: int, mesh_shape: Mapping[str, int], rules, what: str) -> i
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   shards = math.prod(mesh_shape[a] for a in axes)
   if rows % shards:
-    mesh = ",".join(f"{k}={v}" for k, v in mesh_shape.items() if v != 1) or "one device"
     raise MeshError(f"{what} of {rows} rows is not divisible by the {shards} batch shards of the "
-                    f"mesh ({mesh}): use a multiple of {shards}, or another mesh")
+                    f"mesh ({_mesh_str(mesh_shape)}): use a multiple of {shards}, or another mesh")
   return shards
 
 

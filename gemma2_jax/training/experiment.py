@@ -181,7 +181,9 @@ def eval_metric_name(set_name: str, metric: str) -> str:
   return metric if not set_name else f"eval/{set_name}/{metric.removeprefix('eval_')}"
 
 
-def from_config(config, *, num_devices: int) -> Experiment:
+def from_config(config, *, num_devices: int, num_slices: int = 1) -> Experiment:
+  """The Experiment of `config` on `num_devices` devices in `num_slices` slices (`mesh.dcn` 0 or left
+  out: one dcn group per slice; make_mesh checks it against the devices)."""
   c = _plain(config)
   unknown = sorted(set(c) - set(TOP_LEVEL))
   if unknown:
@@ -194,7 +196,9 @@ def from_config(config, *, num_devices: int) -> Experiment:
   optimizer = typed(OptimizerConfig, "optimizer", c.get("optimizer", {}))
   ckpt = typed(CheckpointConfig, "checkpoint", c.get("checkpoint", {}))
 
-  mesh_sizes = c.get("mesh", {"fsdp": -1})
+  mesh_sizes = dict(c.get("mesh", {"fsdp": -1}))
+  if not mesh_sizes.get("dcn"):
+    mesh_sizes["dcn"] = num_slices
   bad_axes = sorted(set(mesh_sizes) - set(MESH_AXES))
   if bad_axes:
     raise ConfigError(f"unknown mesh axis {bad_axes[0]!r} (valid: {', '.join(MESH_AXES)})")
@@ -297,7 +301,7 @@ def base_config(model: ModelConfig, **train):
                        pack=True)
   c = ml_collections.ConfigDict()
   c.model = model.to_dict()
-  c.mesh = {"dcn": 1, "data": 1, "fsdp": -1, "tensor": 1}
+  c.mesh = {"dcn": 0, "data": 1, "fsdp": -1, "tensor": 1}  # dcn 0: one per slice (TPU multislice)
   c.sharding_rules = [list(r) for r in DEFAULT_RULES]
   c.optimizer = dataclass_defaults(OptimizerConfig)
   c.train = dataclass_defaults(TrainConfig, **train)

@@ -77,10 +77,11 @@ def load_experiment(config_path: str, overrides: dict[str, str]):
   import jax
 
   from gemma2_jax.checkpoint import CheckpointError
+  from gemma2_jax.parallel.sharding import num_slices
   from gemma2_jax.training.experiment import apply_overrides, from_config, load_config_file
 
   config = apply_overrides(load_config_file(config_path), overrides)
-  exp = from_config(config, num_devices=jax.device_count())
+  exp = from_config(config, num_devices=jax.device_count(), num_slices=num_slices(jax.devices()))
   if exp.teacher is None or not exp.teacher.checkpoint:
     raise ConfigError("teacher.checkpoint is not set: give the teacher's HF / Kaggle / native "
                       "checkpoint (--config.teacher.checkpoint=/path)")
