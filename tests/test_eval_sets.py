@@ -17,7 +17,7 @@ def config():
   c.model.update(dict(SMALL_MODEL, num_layers=2))
   c.train.update(dict(steps=3, global_batch=8, seq_len=32, loss_chunk=32, log_every=1, eval_every=1,
                       eval_batches=2, progress_bar=False))
-  c.checkpoint.save_every = 0
+  c.checkpoint.save_every = 1
   c.checkpoint.export_hf = False
   c.optimizer.warmup_steps = 1
   c.data.eval = {name: {"paths": str(path), "format": "text"} for name, path in EVAL_FILES.items()}
@@ -66,6 +66,24 @@ def test_eval_iterators_are_built_once_and_rewound(run):
   assert sorted(built) == sorted((str(p),) for p in EVAL_FILES.values())  # 3 evals, 2 builds
   again = trainer.evaluate(trainer.state.params)  # the rewound iterators: the same batches
   assert again == {k: v for k, v in summary.items() if k.startswith("eval/")}
+
+
+def test_an_eval_is_labelled_with_the_updates_its_params_hold(run):
+  """The eval logged at step 1 used the params after exactly one update (checkpoint 1's)."""
+  from gemma2_jax.checkpoint.manager import TrainCheckpointer
+  from gemma2_jax.training.state import abstract_state
+
+  trainer, _, workdir, _ = run
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  logged = next(r for r in rows if r["step"] == 1 and "eval/seen/loss" in r)
+  ckpt = TrainCheckpointer(str(workdir), trainer.exp.checkpoint)
+  try:
+    state = ckpt.restore(1, abstract_state(trainer.exp, trainer.tx, trainer.sh), trainer.train_iter)
+  finally:
+    ckpt.close()
+  again = trainer.evaluate(state.params)
+  assert again["eval/seen/loss"] == logged["eval/seen/loss"]
+  assert again["eval/held_out/loss"] == logged["eval/held_out/loss"]
 
 
 def test_a_bad_set_name_is_one_line():

@@ -39,9 +39,8 @@ def test_dcn_without_slices_groups_whole_processes():
 
 
 def test_a_config_without_dcn_gets_one_group_per_slice():
-  from tests.tiny import experiment_from, tiny_experiment
-
   from gemma2_jax.training.experiment import from_config
+  from tests.tiny import experiment_from, tiny_experiment
 
   c = tiny_experiment(global_batch=16)
   c.data.tokenizer = "unused"

@@ -19,6 +19,7 @@ from gemma2_jax.checkpoint.errors import CheckpointError
 from gemma2_jax.checkpoint.mapping import export_tensors
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import Transformer
+from gemma2_jax.parallel.deadline import deadline
 
 FORMATS = ("hf", "native", "kaggle")
 _MODULES = {"hf": hf, "native": native, "kaggle": kaggle, "workdir": workdir}  # workdir: read only
@@ -193,8 +194,11 @@ _MARKERS = ("config.json", native.MARKER, "_CHECKPOINT_METADATA", "_METADATA", "
 
 def _save_remote(params, cfg, path: epath.Path, format, dtype, **kwargs) -> epath.Path:
   """A bucket has no atomic rename: write locally, then upload file by file with the files that
-  mark a checkpoint last, so an interrupted upload is never taken for a checkpoint."""
-  if path.exists() and any(path.iterdir()):
+  mark a checkpoint last, so an interrupted upload is never taken for a checkpoint. Each storage call
+  is bounded (parallel.deadline): a bucket that stops answering ends the process with one line."""
+  with deadline("checking the output directory", path):
+    taken = path.exists() and any(path.iterdir())
+  if taken:
     raise CheckpointError(f"output path {path} already exists and is not empty; choose a new "
                           "directory (existing checkpoints are never overwritten)")
   with tempfile.TemporaryDirectory(prefix="gemma2_jax-export-") as tmp:
@@ -203,9 +207,10 @@ def _save_remote(params, cfg, path: epath.Path, format, dtype, **kwargs) -> epat
                    key=lambda f: (f.name in _MARKERS, str(f)))
     for f in files:
       target = path / str(f.relative_to(local))
-      target.parent.mkdir(parents=True, exist_ok=True)
-      with open(f, "rb") as src, target.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 64 << 20)
+      with deadline(f"uploading {f.name}", target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "rb") as src, target.open("wb") as dst:
+          shutil.copyfileobj(src, dst, 64 << 20)
   return path
 
 

@@ -45,9 +45,12 @@ def export_hf(params: dict, model_cfg: ModelConfig, path: epath.Path) -> epath.P
   from jax.experimental import multihost_utils
 
   from gemma2_jax.parallel import distributed
+  from gemma2_jax.parallel.deadline import deadline
 
+  with deadline("checking the HF export", path):
+    here = path.exists()
   # One decision for all processes (each one's view of a local path may differ).
-  exists = bool(multihost_utils.broadcast_one_to_all(np.int32(path.exists())))
+  exists = bool(multihost_utils.broadcast_one_to_all(np.int32(here)))
   if exists:  # a finished run re-run: already exported
     return path
   lazy = jax.tree.map(_OneSliceAtATime, params)

@@ -20,6 +20,7 @@ from etils import epath
 
 from gemma2_jax.checkpoint.errors import CheckpointError, cause_line
 from gemma2_jax.errors import UserError
+from gemma2_jax.parallel.deadline import DEFAULT_TIMEOUT_S, deadline, watch
 from gemma2_jax.paths import as_path
 
 
@@ -31,10 +32,15 @@ class CheckpointConfig:
   async_save: bool = True
   export_hf: bool = True  # write the final params as HF safetensors to WORKDIR/hf at the end
   restore_data: bool = True  # restore the data iterators; False starts them afresh (explicit)
+  # The longest one storage operation of the run may take (a checkpoint save with its finalize, a
+  # restore, one file's upload) before the run stops with one error line: see parallel.deadline.
+  storage_timeout_s: float = DEFAULT_TIMEOUT_S
 
   def __post_init__(self):
     if self.save_every < 0 or self.keep_last < 1 or self.keep_every < 0:
       raise ValueError("checkpoint.save_every and keep_every must be >= 0, keep_last >= 1")
+    if not self.storage_timeout_s > 0:
+      raise ValueError("checkpoint.storage_timeout_s must be > 0 (seconds)")
 
 
 class _IteratorState:
@@ -73,7 +79,8 @@ class TrainCheckpointer:
   def __init__(self, workdir: str | os.PathLike, cfg: CheckpointConfig):
     self.directory = checkpoint_dir(workdir)
     self.cfg = cfg
-    _remove_unfinished_saves(self.directory)  # process 0; the others wait, then list the steps
+    with deadline("removing unfinished checkpoint saves", self.directory):
+      _remove_unfinished_saves(self.directory)  # process 0; the others wait, then list the steps
     from gemma2_jax.parallel import distributed
 
     distributed.barrier("unfinished_saves_removed", timeout_s=3600)
@@ -82,7 +89,8 @@ class TrainCheckpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None,
       enable_async_checkpointing=cfg.async_save, create=True, cleanup_tmp_directories=False)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    with deadline("listing checkpoints", self.directory):
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -94,10 +102,16 @@ class TrainCheckpointer:
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(_IteratorState(data_iterator)),
       config=ocp.args.JsonSave(config))
-    self.manager.save(step, args=args, force=force)
+    where = self.directory / str(step)
+    # Also waits for the previous save's finalize (bounded by its own watch, which started first).
+    with deadline(f"saving checkpoint step {step}", where):
+      saving = self.manager.save(step, args=args, force=force)
+    if saving and self.cfg.async_save:  # the writes go on in the background until finalized
+      watch(f"finalizing checkpoint step {step}", where, lambda: not self.manager.is_saving_in_progress())
 
   def saved_process_count(self, step: int) -> int:
-    files = list((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+    with deadline(f"listing checkpoint step {step}", self.directory / str(step)):
+      files = list((self.directory / str(step) / "data").glob("process_*-of-*.json"))
     return int(files[0].stem.rsplit("-of-", 1)[1]) if files else 0
 
   def restore(self, step: int, abstract_state, data_iterator) -> Any:
@@ -120,7 +134,8 @@ class TrainCheckpointer:
           "already seen may be seen again)")
       items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+      with deadline(f"restoring checkpoint step {step}", self.directory / str(step)):
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
     except UserError:  # already the one line (e.g. the data iterator's state does not fit)
       raise
     except Exception as e:  # orbax / tensorstore / json: a truncated or corrupt file of this step
@@ -139,13 +154,16 @@ class TrainCheckpointer:
             f"{self.directory.parent / f'unreadable_step_{step}'}) and {then}")
 
   def restore_config(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    with deadline(f"reading the config of checkpoint step {step}", self.directory / str(step)):
+      return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with deadline("finalizing checkpoint writes", self.directory):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.close()
+    with deadline("closing the checkpoint manager", self.directory):
+      self.manager.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from gemma2_jax.model.config import ModelConfig
@@ -39,6 +41,31 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Forward + backward (2x forward); rematerialisation is not counted (model FLOPs, not HW)."""
   return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """Model FLOPs of a train step, by part: what `mfu` counts (all of them) and `student_mfu` (the
+  student's forward and backward alone). Per slot: per position of the batch's rows, padding
+  included (the chips compute it); sampling: per token the student generated on-policy."""
+
+  student: float  # forward + backward per slot
+  teacher: float = 0.0  # the online teacher's forward per slot
+  sample: float = 0.0  # one decode forward per generated token
+
+  def total(self, slots: float, generated: float = 0.0) -> float:
+    return (self.student + self.teacher) * slots + self.sample * generated
+
+
+def step_flops(model: ModelConfig, seq_len: int, teacher: ModelConfig | None = None,
+               onpolicy: bool = False) -> StepFlops:
+  """The StepFlops of training `model` on rows of seq_len (with an online `teacher`, on-policy
+  sampling); a generated token's forward is counted as one of a row's tokens (attention over the
+  mean causal context)."""
+  forward = forward_flops_per_token(model, seq_len)
+  return StepFlops(student=3 * forward,
+                   teacher=forward_flops_per_token(teacher, seq_len) if teacher is not None else 0.0,
+                   sample=forward if onpolicy else 0.0)
 
 
 def peak_flops_per_device(override: float = 0.0) -> float | None:

@@ -7,12 +7,14 @@ steps whose update a state holds (what metrics rows and checkpoints are labelled
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
 import jax
 
 from gemma2_jax.checkpoint.export import export_hf
+from gemma2_jax.training.flops import StepFlops
 from gemma2_jax.training.metrics import MetricsWriter
 from gemma2_jax.training.modes import ONPOLICY_SUMS
 
@@ -38,12 +40,15 @@ class MetricsLogger:
   `log_every` steps and at the last step; drives the progress bar (process 0).
 
   A row holds the step's metrics, skipped_steps, and over the steps since the previous row: step
-  time, tokens/s, TFLOP/s per device and MFU, and the on-policy rates made from the step's raw sums
-  (ONPOLICY_SUMS: rows, gen_rows, gen_tokens). The first step read is not timed: it includes
-  compilation. `check_finite(metrics, step)` returns 1 for a skipped step (or raises).
+  time, tokens/s (loss-bearing tokens: the steps' `tokens`), slots/s (the batch's positions, padding
+  included), TFLOP/s per device, MFU (every model FLOP of the step: `flops.StepFlops`) and
+  student_mfu, and the on-policy rates made from the step's raw sums (ONPOLICY_SUMS: rows,
+  gen_rows, gen_tokens). The first step read is not timed: it includes compilation. Time spent in
+  `paused()` (evals, saves) is kept out of the step times and reported apart (`times()`).
+  `check_finite(metrics, step)` returns 1 for a skipped step (or raises).
   """
 
-  def __init__(self, workdir, train, *, start: int, flops_per_token: float, peak: float | None,
+  def __init__(self, workdir, train, *, start: int, flops: StepFlops, peak: float | None,
                check_finite: Callable[[dict, int], int]):
     self.writer = MetricsWriter(workdir)
     self.bar = None
@@ -51,13 +56,36 @@ class MetricsLogger:
       from tqdm import tqdm
       self.bar = tqdm(total=train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     self.steps, self.log_every = train.steps, train.log_every
-    self.tokens_per_step = train.global_batch * train.seq_len
-    self.flops_per_token, self.peak = flops_per_token, peak
+    self.slots_per_step = train.global_batch * train.seq_len
+    self.flops, self.peak = flops, peak
     self.sums, self.check_finite = ONPOLICY_SUMS, check_finite
     self.last: dict = {}  # the last row written
     self.skipped = 0
     self.window_start, self.window_steps = None, 0
-    self.gen_window = dict.fromkeys(ONPOLICY_SUMS, 0.0)  # on-policy sums over the timed steps
+    self.window = dict.fromkeys(("tokens", *ONPOLICY_SUMS), 0.0)  # sums over the timed steps
+    self.started = time.perf_counter()
+    self.spent = {"first_step_s": 0.0, "step_s": 0.0, "eval_s": 0.0, "save_s": 0.0}
+
+  @contextlib.contextmanager
+  def paused(self, kind: str):
+    """Time spent inside goes to `kind` ("eval", "save"), not to the step-time window."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      spent = time.perf_counter() - start
+      self.spent[f"{kind}_s"] += spent
+      if self.window_start is not None:
+        self.window_start += spent
+
+  def times(self) -> dict:
+    """Wall time of the run so far by kind, and goodput: the share of it spent in timed steps."""
+    now = time.perf_counter()
+    spent = dict(self.spent)
+    if self.window_steps:  # timed steps not yet in a row
+      spent["step_s"] += now - self.window_start
+    wall = now - self.started
+    return {"wall_time_s": wall, **spent, "goodput": spent["step_s"] / max(wall, 1e-9)}
 
   def due(self, done: int) -> bool:
     return done % self.log_every == 0 or done == self.steps
@@ -68,10 +96,11 @@ class MetricsLogger:
     self.skipped += self.check_finite(m, step)
     if self.window_start is None:  # the first step includes compilation: not timed
       self.window_start, self.window_steps = now, 0
+      self.spent["first_step_s"] = now - self.started - self.spent["eval_s"] - self.spent["save_s"]
     else:
       self.window_steps += 1
-      for k in self.gen_window:
-        self.gen_window[k] += float(m.get(k, 0.0))
+      for k in self.window:
+        self.window[k] += float(m.get(k, 0.0))
     if self.due(step + 1):
       self.last = self._row(m, now)
       self.writer.write(step + 1, self.last)
@@ -82,32 +111,33 @@ class MetricsLogger:
       self.bar.update(1)
 
   def _row(self, m: dict, now: float) -> dict:
+    """The step's metrics; the rates over the window's timed steps (no timed step yet: the on-policy
+    rates of this step's sums alone); the window then restarts."""
     row = {k: float(v) for k, v in m.items() if k not in ("finite", *self.sums)}
+    steps, dt = self.window_steps, now - self.window_start
+    sums = self.window if steps else {k: float(m.get(k, 0.0)) for k in self.window}
     if "gen_rows" in m:
-      row.update(self._onpolicy_rates(m, now))
-    if self.window_steps:
-      row.update(self._throughput(now))
+      row["onpolicy_fraction"] = sums["gen_rows"] / max(sums["rows"], 1.0)
+      row["gen_length_mean"] = sums["gen_tokens"] / max(sums["gen_rows"], 1.0)
+      if steps:
+        row["gen_tokens_per_s"] = sums["gen_tokens"] / dt
+    if steps:
+      row.update(self._throughput(sums, steps, dt))
+      self.spent["step_s"] += dt
+      self.window_start, self.window_steps = now, 0
+    self.window = dict.fromkeys(self.window, 0.0)
     row["skipped_steps"] = self.skipped
     return row
 
-  def _onpolicy_rates(self, m: dict, now: float) -> dict:
-    """Over the window (before its timing restarts); no timed step yet: this step's sums alone."""
-    g = self.gen_window if self.window_steps else {k: float(m[k]) for k in self.sums}
-    rates = {"onpolicy_fraction": g["gen_rows"] / max(g["rows"], 1.0),
-             "gen_length_mean": g["gen_tokens"] / max(g["gen_rows"], 1.0)}
-    if self.window_steps:
-      rates["gen_tokens_per_s"] = g["gen_tokens"] / (now - self.window_start)
-    self.gen_window = dict.fromkeys(self.sums, 0.0)
-    return rates
-
-  def _throughput(self, now: float) -> dict:
-    dt = (now - self.window_start) / self.window_steps
-    achieved = self.flops_per_token * self.tokens_per_step / dt / jax.device_count()
-    out = {"step_time_s": dt, "tokens_per_s": self.tokens_per_step / dt,
-           "tflops_per_device": achieved / 1e12}
+  def _throughput(self, sums: dict, steps: int, dt: float) -> dict:
+    slots = self.slots_per_step * steps
+    per_device = dt * jax.device_count()
+    model = self.flops.total(slots, sums["gen_tokens"])
+    out = {"step_time_s": dt / steps, "tokens_per_s": sums["tokens"] / dt, "slots_per_s": slots / dt,
+           "tflops_per_device": model / per_device / 1e12}
     if self.peak:
-      out["mfu"] = achieved / self.peak
-    self.window_start, self.window_steps = now, 0
+      out["mfu"] = model / per_device / self.peak
+      out["student_mfu"] = self.flops.student * slots / per_device / self.peak
     return out
 
   def close(self):

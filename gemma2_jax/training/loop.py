@@ -15,6 +15,7 @@ from gemma2_jax.checkpoint.manager import TrainCheckpointer
 from gemma2_jax.checkpoint.workdir import run_config
 from gemma2_jax.errors import UserError
 from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.parallel.deadline import bounded, deadline, set_timeout
 from gemma2_jax.parallel.sharding import (
   data_group,
   make_mesh,
@@ -33,21 +34,28 @@ class Trainer:
   def __init__(self, exp: Experiment, workdir: str | os.PathLike):
     self.exp = exp
     self.workdir = paths.as_path(workdir)
+    # Every storage operation from here on ends the run with one line if it does not end in time.
+    set_timeout(exp.checkpoint.storage_timeout_s)
     if exp.init_from:
       # A wrong path, or a checkpoint of another model, fails here, before the workdir is touched.
-      checkpoint.check_config(exp.init_from, exp.model, what="init_from")
+      with deadline("reading the init_from config", exp.init_from):
+        checkpoint.check_config(exp.init_from, exp.model, what="init_from")
     self.mode = modes.for_experiment(exp)
     self.mesh = make_mesh(exp.mesh)
     self.train_step = programs.train_program(exp, self.mode, self.mesh)
     self.eval_step = programs.trainer_eval_program(exp, self.mesh)
     self.tx, self.sh = self.train_step.tx, self.train_step.shardings
     # Processes whose devices address the same batch rows read the same data shard.
-    self.train_iter = self.mode.train_iterator(data_group(self.sh.batch, exp.train.global_batch))
+    self.train_source = exp.offline_paths or _first_path(exp.data_train)
+    with deadline("opening the training data", self.train_source):
+      self.train_iter = self.mode.train_iterator(data_group(self.sh.batch, exp.train.global_batch))
     self.data_kw = dict(tokenizer_path=exp.tokenizer, vocab_size=exp.model.vocab_size,
                         num_real_tokens=exp.model.num_real_tokens)
-    self.teacher_params = self.mode.load_teacher(self.mesh)
+    with deadline("loading the teacher's weights", exp.teacher.checkpoint if exp.teacher else ""):
+      self.teacher_params = self.mode.load_teacher(self.mesh)
     self.eval_iters = {}  # eval set name -> its iterator, built at the first eval
-    self.flops_per_token = flops.train_flops_per_token(exp.model, exp.train.seq_len)
+    self.flops = flops.step_flops(exp.model, exp.train.seq_len, teacher=self.mode.teacher_cfg,
+                                  onpolicy=self.mode.sampling is not None)
     self.peak = flops.peak_flops_per_device(exp.train.peak_tflops_per_device * 1e12)
 
   def global_batch(self, host_batch: dict) -> dict:
@@ -63,15 +71,17 @@ class Trainer:
     out = {}
     for name, data in self.exp.data_eval.items():
       it = self.eval_iters.get(name)
+      source = _first_path(data)
       if it is None:
         group = data_group(self.sh.batch, data.global_batch)
-        it = self.eval_iters[name] = make_eval_iterator(
-          data, num_batches=self.exp.train.eval_batches, process_index=group.index,
-          process_count=group.count, **self.data_kw)
+        with deadline(f"opening the eval data {name!r}", source):
+          it = self.eval_iters[name] = make_eval_iterator(
+            data, num_batches=self.exp.train.eval_batches, process_index=group.index,
+            process_count=group.count, **self.data_kw)
       else:
         it.rewind()
-      ev = run_eval(self.eval_step, params, it, lambda b: to_global(b, self.sh),
-                    max_batches=self.exp.train.eval_batches)
+      ev = run_eval(self.eval_step, params, bounded(it, f"reading the eval data {name!r}", source),
+                    lambda b: to_global(b, self.sh), max_batches=self.exp.train.eval_batches)
       out.update({eval_metric_name(name, k): v for k, v in ev.items()})
     return out
 
@@ -85,7 +95,8 @@ class Trainer:
     from gemma2_jax.parallel import distributed
 
     if jax.process_index() == 0:
-      self._check_or_write_config()
+      with deadline("checking config.json", self.workdir / "config.json"):
+        self._check_or_write_config()
     distributed.barrier("workdir_checked", timeout_s=3600)
 
   def _check_or_write_config(self):
@@ -113,7 +124,10 @@ class Trainer:
     """The one place that decides where training starts: workdir checkpoint > init_from > scratch."""
     step = ckpt.latest_step()
     if step is None:
-      return init_state(self.exp, self.tx, self.sh)
+      if not self.exp.init_from:
+        return init_state(self.exp, self.tx, self.sh)
+      with deadline("loading the init_from weights", self.exp.init_from):
+        return init_state(self.exp, self.tx, self.sh)
     return ckpt.restore(step, abstract_state(self.exp, self.tx, self.sh), self.train_iter)
 
   def run(self) -> dict:
@@ -128,7 +142,7 @@ class Trainer:
       self._stop_data()
       raise
     start = int(jax.device_get(state.step))
-    logger = MetricsLogger(self.workdir, self.exp.train, start=start, flops_per_token=self.flops_per_token,
+    logger = MetricsLogger(self.workdir, self.exp.train, start=start, flops=self.flops,
                            peak=self.peak, check_finite=self._check_finite)
     with _stop_signals() as preempted:
       try:
@@ -158,25 +172,35 @@ class Trainer:
       # Step N's metrics are read only after step N+1 is dispatched: the device never waits.
       if late is not None:
         logger(*late)
-        # `state` is already a step past `late`: a periodic eval sees the params one step later.
-        evaluator(late[0] + 1, state.params)
       late = (step, metrics)
-      if saver(step + 1, state, metrics):
+      if evaluator.due(step + 1) or saver.due(step + 1):
+        jax.block_until_ready(state)  # the step's own time stays in the step-time window
+      if evaluator.due(step + 1):
+        with logger.paused("eval"):  # the params of exactly step + 1 updates, labelled so
+          evaluator(step + 1, state.params)
+      with logger.paused("save"):
+        preempted_now = saver(step + 1, state, metrics)
+      if preempted_now:
         summary["preempted_at_step"] = step + 1
         return state, summary
     if late is not None:
       logger(*late)  # the last step (no periodic eval there: the final eval follows)
-    saver.final(state)
+    with logger.paused("save"):
+      saver.final(state)
     summary.update(logger.last)
-    summary.update(evaluator.final(state.params))
+    with logger.paused("eval"):
+      summary.update(evaluator.final(state.params))
     summary.update(export(state.params))
+    summary.update(logger.times())
     return state, summary
 
   def _steps(self, state, start: int, profiler: Profiler):
     """Dispatches steps start .. train.steps-1; yields (step, the state after it, its unread metrics)."""
     for step in range(start, self.exp.train.steps):
       profiler.before(step)
-      state, metrics = self._dispatch(state, next(self.train_iter))
+      with deadline("reading the training data", self.train_source):
+        batch = next(self.train_iter)
+      state, metrics = self._dispatch(state, batch)
       profiler.after(step, state)
       yield step, state, metrics
 
@@ -201,6 +225,11 @@ class Trainer:
         "stopping without saving it (the last checkpoint is kept). Lower optimizer.learning_rate, "
         "or set train.nonfinite=skip to skip such steps")
     return 1
+
+
+def _first_path(data) -> str:
+  """What a data-read deadline names: the first path of the data's sources."""
+  return next((p for source in data.sources for p in source.paths), "the data")
 
 
 # Model fields that may change between runs in one workdir (numerics and memory, not shapes).

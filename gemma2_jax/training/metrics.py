@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 
+from gemma2_jax.parallel.deadline import deadline
 from gemma2_jax.paths import as_path, is_remote
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 def write_json(path: str | os.PathLike, obj) -> None:
   """Writes `obj` as indented JSON to a local or remote path (one whole-object write on GCS)."""
   path = as_path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)  # a no-op in a bucket
-  path.write_text(json.dumps(obj, indent=2) + "\n")
+  with deadline(f"writing {path.name}", path):
+    path.parent.mkdir(parents=True, exist_ok=True)  # a no-op in a bucket
+    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 class MetricsWriter:
@@ -50,8 +52,9 @@ class MetricsWriter:
       self._staging = tempfile.TemporaryDirectory(prefix="gemma2_jax_metrics_")
       self._local = pathlib.Path(self._staging.name)
       existing = self.workdir / "metrics.jsonl"
-      if existing.exists():
-        (self._local / "metrics.jsonl").write_bytes(existing.read_bytes())
+      with deadline("reading metrics.jsonl", existing):
+        if existing.exists():
+          (self._local / "metrics.jsonl").write_bytes(existing.read_bytes())
       self._sync_every_s = sync_every_s
       self._last_sync = -math.inf
       self._uploaded: dict[str, int] = {}  # staged file -> bytes of it in the workdir
@@ -107,7 +110,8 @@ class MetricsWriter:
         continue
       with open(self._local / name, "rb") as f:
         data = f.read(size)
-      (self.workdir / name).write_bytes(data)
+      with deadline(f"writing {name}", self.workdir / name):  # on the sync thread or in close()
+        (self.workdir / name).write_bytes(data)
       self._uploaded[name] = size
 
   def _report(self, done: Future | None):
