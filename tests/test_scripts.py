@@ -25,6 +25,7 @@ SMOKE = {
   "bench_data": r"^prepared +[\d,]+ tokens/s",
   "bench_distill_memory": r"^marginal ours: [\d.]+ GiB per 1k extra tokens \(T 128 -> 256\); naive: [\d.]+$",
   "bench_export": r"^ +ours: export adds [\d.]+ GiB of peak RSS = [\d.]+x the model$",
+  "bench_merge": r"^ties of 3 checkpoints: peak RSS \+[\d.]+ GiB = [\d.]+x one model, [\d.]+ s$",
   "bench_onpolicy": r"^\[smoke\] on-policy / off-policy step: [\d.]+x$",
   "bench_sample": r"^ours/HF: [\d.]+x$",
   "bench_train": r"^ratio ours/HF: [\d.]+x$",
