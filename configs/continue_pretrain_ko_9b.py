@@ -3,7 +3,7 @@
   python -m gemma2_jax.train --config=configs/continue_pretrain_ko_9b.py \
       --workdir=gs://BUCKET/runs/gemma2-ko-9b \
       --config.init_from=/ckpt/gemma-2-9b \
-      --config.data.tokenizer=/ckpt/gemma-2-9b/tokenizer.model
+      --config.data.tokenizer=/ckpt/gemma-2-9b/tokenizer.model --distributed
 
 `init_from` takes the HF safetensors dir, the Kaggle Flax checkpoint or a native one; the optimizer
 starts fresh. Learning rate 5e-5 -> 1e-6 (cosine) after 500 warmup steps, weight decay 0.1, 8k context,
@@ -15,6 +15,18 @@ The data mix is 70% Korean web/news/blog text and 30% English (to limit forgetti
 rows. Two eval sets: expect the Korean one's bits per byte (`eval/ko/bits_per_byte`) to drop steadily
 in the first few thousand steps while the English loss (`eval/en/loss`, the forgetting watch) stays
 within a few hundredths of a nat of its start.
+For the full corpora, tokenize each language once into the bucket with N workers (one command per
+host, I = 0..N-1; a killed one is re-run and finishes its missing shards; the last to finish writes
+meta.json), for ko and likewise for en:
+  python -m gemma2_jax.prepare_data tokenize --input 'gs://BUCKET/ko/*.jsonl' --format jsonl \
+      --tokenizer /ckpt/gemma-2-9b/tokenizer.model --output_dir gs://BUCKET/ko_tokenized \
+      --num_shards 1024 --worker_index $I --worker_count N
+then train on the shards, keeping the mix:
+  --config.data.train.sources="[{'name': 'ko', 'weight': 0.7, 'format': 'arrayrecord',
+      'paths': ['gs://BUCKET/ko_tokenized/*.array_record*']}, {'name': 'en', 'weight': 0.3,
+      'format': 'arrayrecord', 'paths': ['gs://BUCKET/en_tokenized/*.array_record*']}]"
+The JSONL as configured suits small corpora and quick experiments: it is tokenized on the fly, which
+costs host CPU every epoch.
 """
 
 from gemma2_jax.model.config import gemma2_9b

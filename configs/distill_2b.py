@@ -3,7 +3,7 @@
   python -m gemma2_jax.train --config=configs/distill_2b.py --workdir=gs://BUCKET/runs/distill_2b \
       --config.data.train.paths='gs://BUCKET/corpus/*.jsonl' \
       --config.teacher.checkpoint=/ckpt/gemma-2-27b \
-      --config.data.tokenizer=/ckpt/gemma-2-27b/tokenizer.model
+      --config.data.tokenizer=/ckpt/gemma-2-27b/tokenizer.model --distributed
 
 Same objective and memory layout as configs/distill_9b.py with the 2B student at 8k context; sized
 for a TPU v5p-128 slice (64 chips), 4 micro-batches of 2 sequences per chip, splash attention on TPU

@@ -3,7 +3,16 @@
   python -m gemma2_jax.train --config=configs/distill_9b.py --workdir=gs://BUCKET/runs/distill_9b \
       --config.data.train.paths='gs://BUCKET/corpus/*.jsonl' \
       --config.teacher.checkpoint=/ckpt/gemma-2-27b \
-      --config.data.tokenizer=/ckpt/gemma-2-27b/tokenizer.model
+      --config.data.tokenizer=/ckpt/gemma-2-27b/tokenizer.model --distributed
+
+For a big corpus, tokenize once into the bucket with N workers (one command per host, I = 0..N-1;
+a killed one is re-run and finishes its missing shards; the last to finish writes meta.json):
+  python -m gemma2_jax.prepare_data tokenize --input 'gs://BUCKET/corpus/*.jsonl' \
+      --tokenizer /ckpt/gemma-2-27b/tokenizer.model --output_dir gs://BUCKET/tokenized \
+      --num_shards 1024 --worker_index $I --worker_count N
+then train on the shards: --config.data.train.paths='gs://BUCKET/tokenized/*.array_record*'
+--config.data.train.format=arrayrecord. Raw JSONL (as above) suits small corpora and quick
+experiments: it is tokenized on the fly, which costs host CPU every epoch.
 
 The student minimizes sum_x -P_T(x|c) log P_S(x|c) over the full 256k vocabulary at every position
 (Gemma 2 report, section 3.2). The teacher (bf16, no gradients, no optimizer state) is FSDP-sharded on

@@ -5,7 +5,7 @@
       --config.init_from=gs://BUCKET/runs/sft_distill_9b/hf_step20000 \
       --config.teacher.checkpoint=/ckpt/gemma-2-27b-it \
       --config.data.train.paths='gs://BUCKET/prompts/*.jsonl' \
-      --config.data.tokenizer=/ckpt/gemma-2-27b-it/tokenizer.model
+      --config.data.tokenizer=/ckpt/gemma-2-27b-it/tokenizer.model --distributed
 
 The report's "distillation from the teacher on the student's distribution" (Agarwal et al. 2024):
 the data are chat prompts (JSONL `messages` or `prompt` + `response`; the response is the

@@ -2,7 +2,16 @@
 
   python -m gemma2_jax.train --config=configs/pretrain_2b.py --workdir=gs://BUCKET/runs/pretrain_2b \
       --config.data.train.paths='gs://BUCKET/corpus/*.jsonl' \
-      --config.data.tokenizer=/ckpt/gemma/tokenizer.model
+      --config.data.tokenizer=/ckpt/gemma/tokenizer.model --distributed
+
+For a big corpus, tokenize once into the bucket with N workers (one command per host, I = 0..N-1;
+a killed one is re-run and finishes its missing shards; the last to finish writes meta.json):
+  python -m gemma2_jax.prepare_data tokenize --input 'gs://BUCKET/corpus/*.jsonl' \
+      --tokenizer /ckpt/gemma/tokenizer.model --output_dir gs://BUCKET/tokenized \
+      --num_shards 1024 --worker_index $I --worker_count N
+then train on the shards: --config.data.train.paths='gs://BUCKET/tokenized/*.array_record*'
+--config.data.train.format=arrayrecord. Raw JSONL (as above) suits small corpora and quick
+experiments: it is tokenized on the fly, which costs host CPU every epoch.
 
 Sized for a TPU v5p-128 slice (64 chips): fp32 params and AdamW state FSDP-sharded over all chips, bf16
 compute, splash attention on TPU (attention_impl="auto": local layers visit only the key blocks inside

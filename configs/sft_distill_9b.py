@@ -3,11 +3,11 @@ from the 27B teacher on the same tokens, with some pre-training text mixed in.
 
   # the teacher writes the responses (batched, sharded, resumable; run it again to resume):
   python -m gemma2_jax.sample --checkpoint=/ckpt/gemma-2-27b-it --prompts=prompts.jsonl --chat \
-      --temperature=0.7 --max_new_tokens=1024 --output=gs://BUCKET/sft/teacher.jsonl
+      --temperature=0.7 --max_new_tokens=1024 --output=gs://BUCKET/sft/teacher.jsonl --distributed
   python -m gemma2_jax.train --config=configs/sft_distill_9b.py --workdir=gs://BUCKET/runs/sft_9b \
       --config.init_from=/ckpt/gemma-2-9b \
       --config.teacher.checkpoint=/ckpt/gemma-2-27b-it \
-      --config.data.tokenizer=/ckpt/gemma-2-27b-it/tokenizer.model
+      --config.data.tokenizer=/ckpt/gemma-2-27b-it/tokenizer.model --distributed
 
 Data: 90% of rows are conversations (the sampler's output: `prompt` + `completion`, or any JSONL
 with `messages`), rendered with Gemma's chat template and packed whole, several to a row; only
