@@ -155,3 +155,27 @@ def test_export_hf_from_sharded_params_tensor_by_tensor(tmp_path, monkeypatch):
   path = export_hf(state.params, exp.model, epath.Path(tmp_path / "hf"))
   _, loaded = load_params(path, "float32", config=exp.model)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, loaded)
+
+
+def test_raising_train_steps_on_resume_keeps_the_schedule(tmp_path, capfd):
+  """A resume with more steps continues the run's learning-rate schedule without a jump (it holds
+  end_learning_rate past the run's original end), and says so."""
+  import json
+
+  def run(steps):
+    c = tiny_experiment(steps=steps, log_every=1)
+    c.data.tokenizer = str(TOKENIZER)
+    c.model.vocab_size = 1024
+    c.optimizer.update(schedule="cosine", warmup_steps=1, learning_rate=1e-2, end_learning_rate=1e-4)
+    c.checkpoint.export_hf = False
+    exp = from_config(c, num_devices=jax.device_count())
+    Trainer(exp, tmp_path).run()
+
+  run(3)
+  run(5)
+  assert "note: train.steps 3 -> 5: the cosine learning-rate schedule keeps the run's 3 steps" in (
+    capfd.readouterr().err)
+  rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+          if "learning_rate" in r}
+  assert rows[3]["learning_rate"] > 1e-4  # the last step of the first run: still decaying
+  assert rows[4]["learning_rate"] == pytest.approx(1e-4) and rows[5]["learning_rate"] == pytest.approx(1e-4)

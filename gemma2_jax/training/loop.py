@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 
 import jax
@@ -32,10 +34,10 @@ class TrainingDiverged(UserError):
 
 class Trainer:
   def __init__(self, exp: Experiment, workdir: str | os.PathLike):
-    self.exp = exp
     self.workdir = paths.as_path(workdir)
     # Every storage operation from here on ends the run with one line if it does not end in time.
     set_timeout(exp.checkpoint.storage_timeout_s)
+    self.exp = exp = self._keep_schedule(exp)
     if exp.init_from:
       # A wrong path, or a checkpoint of another model, fails here, before the workdir is touched.
       with deadline("reading the init_from config", exp.init_from):
@@ -119,6 +121,30 @@ class Trainer:
     else:
       self.workdir.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(mine, indent=2))
+
+  def _keep_schedule(self, exp: Experiment) -> Experiment:
+    """A resume with another train.steps keeps the learning-rate schedule the run started with: a
+    schedule spanning train.steps (optimizer.decay_steps 0) would otherwise jump at the resumed step.
+    It continues without a jump (and holds end_learning_rate past its end); an explicit decay_steps
+    is the user's choice of another schedule."""
+    opt = exp.optimizer
+    path = self.workdir / "config.json"
+    if opt.schedule == "constant" or opt.decay_steps:
+      return exp
+    with deadline("reading config.json", path):
+      if not path.exists():
+        return exp
+      try:
+        was = run_config(self.workdir)["train"]["steps"]
+      except (checkpoint.CheckpointError, KeyError, TypeError):
+        return exp  # reported by _check_workdir
+    if not isinstance(was, int) or was == exp.train.steps:
+      return exp
+    if jax.process_index() == 0:
+      print(f"note: train.steps {was} -> {exp.train.steps}: the {opt.schedule} learning-rate schedule "
+            f"keeps the run's {was} steps (no jump; end_learning_rate {opt.end_learning_rate:g} after "
+            f"step {was}); set optimizer.decay_steps for another", file=sys.stderr)
+    return dataclasses.replace(exp, optimizer=dataclasses.replace(opt, decay_steps=was))
 
   def restore_or_init(self, ckpt: TrainCheckpointer) -> TrainState:
     """The one place that decides where training starts: workdir checkpoint > init_from > scratch."""
