@@ -27,6 +27,7 @@ SMOKE = {
   "bench_export": r"^ +ours: export adds [\d.]+ GiB of peak RSS = [\d.]+x the model$",
   "bench_merge": r"^ties of 3 checkpoints: peak RSS \+[\d.]+ GiB = [\d.]+x one model, [\d.]+ s$",
   "bench_onpolicy": r"^\[smoke\] on-policy / off-policy step: [\d.]+x$",
+  "bench_remote_data": r"^jsonl +\d+MiB +2 +[\d.]+ +[\d.]+-[\d.]+x +[\d,]+ / +[\d,]+ +[\d.]+x ",
   "bench_sample": r"^ours/HF: [\d.]+x$",
   "bench_train": r"^ratio ours/HF: [\d.]+x$",
   # compiles for a TPU topology: needs libtpu (pip install -e ".[tpu]")

@@ -7,6 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord", "tfds")
+# Remote (gs://) text / JSONL / Parquet reads, per process: ranged GETs in flight, and the size of the
+# index scan's reads (also the largest read neighbouring documents are coalesced into).
+REMOTE_READ_CONCURRENCY = 32
+REMOTE_READ_BLOCK_BYTES = 2 << 20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,6 +89,12 @@ class DataConfig:
   num_threads / prefetch: grain read threads and buffered tokenized chunks per process.
   num_workers: grain worker processes (0 = in-process threads only). The batch sequence depends
     on num_workers (each worker packs its own slice), so keep it fixed across a resume.
+  remote_read_concurrency: ranged GETs in flight per process (per grain worker with num_workers)
+    for remote (gs://) text / JSONL / Parquet sources; at ~30 ms a request, 32 in flight read ~1000
+    documents/s. Shared by all of the process's sources; the batches do not depend on it.
+  remote_read_block_bytes: a remote text / JSONL source indexes its shard at start-up in reads of
+    this size (at most concurrency x this many bytes buffered), and reads neighbouring documents
+    with one request of up to this size. The batches do not depend on it.
   """
 
   sources: tuple[SourceConfig, ...]
@@ -102,6 +112,8 @@ class DataConfig:
   num_threads: int = 2
   prefetch: int = 8
   num_workers: int = 0
+  remote_read_concurrency: int = REMOTE_READ_CONCURRENCY
+  remote_read_block_bytes: int = REMOTE_READ_BLOCK_BYTES
 
   def __post_init__(self):
     srcs = self.sources
@@ -123,6 +135,11 @@ class DataConfig:
       raise ValueError(f"bad_records must be skip|fail, got {self.bad_records!r}")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
+    if self.remote_read_concurrency < 1:
+      raise ValueError(f"remote_read_concurrency must be >= 1, got {self.remote_read_concurrency}")
+    if self.remote_read_block_bytes < 4096:
+      raise ValueError(f"remote_read_block_bytes must be >= 4096, got "
+                       f"{self.remote_read_block_bytes}")
 
   def replace(self, **kw) -> DataConfig:
     return dataclasses.replace(self, **kw)

@@ -1,7 +1,8 @@
 """grain pipeline: documents -> SentencePiece ids -> packed rows -> per-process batches.
 
 Per source: random-access documents are shuffled per epoch and sharded per JAX process
-(`_ShardedEpochs`), grouped into chunks that one SentencePiece batch call encodes, flattened back to
+(`_ShardedEpochChunks`; a remote text / JSONL / Parquet source holds its data group's share only),
+grouped into chunks that one batched read and one SentencePiece batch call handle, flattened back to
 documents, and packed by grain's `ConcatThenSplitIterDataset` into rows of seq_len + 1 tokens.
 Sources are mixed row by row (so weights are shares of tokens), rows are batched and split into
 model inputs and next-token targets. Every stage is a grain iterator, so `get_state()` is small
@@ -50,7 +51,14 @@ import numpy as np
 
 from gemma2_jax.data import chat
 from gemma2_jax.data.config import DataConfig
-from gemma2_jax.data.sources import STATS, ArrayRecordTokensSource, DataError, note, open_source
+from gemma2_jax.data.sources import (
+  STATS,
+  ArrayRecordTokensSource,
+  DataError,
+  RemoteReads,
+  note,
+  open_source,
+)
 from gemma2_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from gemma2_jax.paths import as_path
 
@@ -67,7 +75,14 @@ class _ShardedEpochChunks(grain.MapDataset):
   Each epoch is a permutation of the source seeded with seed + epoch; process p reads global slots
   p, p + P, p + 2P, ... of it, so the P processes together read every document exactly once per
   epoch. Chunks never straddle epochs, and one chunk is one batched read + one SentencePiece call.
+
+  A `presharded` source (remote text / JSONL / Parquet: sources.RemoteLinesSource) holds only this
+  shard's documents already (those starting in its share of the corpus's bytes): each epoch is a
+  permutation of all of them, seeded with seed + epoch + shard * _SHARD_SEED (shard 0 permutes as an
+  unsharded source does), so again every document is read once per epoch over the shards.
   """
+
+  _SHARD_SEED = 0x9E3779B1
 
   def __init__(self, source, *, shard: int, num_shards: int, num_epochs: int | None,
                seed: int | None, chunk: int, label: str):
@@ -75,7 +90,9 @@ class _ShardedEpochChunks(grain.MapDataset):
     self._source = source
     self._n = len(source)
     self._shard, self._num_shards = shard, num_shards
-    self.docs_per_epoch = len(range(shard, self._n, num_shards))
+    # Slots of the permutation this shard reads: every num_shards-th from `shard`, or all of them.
+    self._first, self._step = (0, 1) if getattr(source, "presharded", False) else (shard, num_shards)
+    self.docs_per_epoch = len(range(self._first, self._n, self._step))
     if self.docs_per_epoch == 0:
       raise DataError(f"source {label!r} has {self._n} documents, fewer than the "
                       f"{num_shards} processes reading it")
@@ -97,10 +114,9 @@ class _ShardedEpochChunks(grain.MapDataset):
     epoch, k = divmod(c, self.chunks_per_epoch)
     lo = k * self._chunk
     hi = min(lo + self._chunk, self.docs_per_epoch)
-    slots = range(self._shard + lo * self._num_shards, self._shard + hi * self._num_shards,
-                  self._num_shards)
+    slots = range(self._first + lo * self._step, self._first + hi * self._step, self._step)
     if self._seed is not None and self._n > 1:
-      seed = (self._seed + epoch) % 2**32
+      seed = (self._seed + epoch + (self._step == 1) * self._shard * self._SHARD_SEED) % 2**32
       ids = [int(gx.index_shuffle(g, max_index=self._n - 1, seed=seed, rounds=4)) for g in slots]
     else:
       ids = list(slots)
@@ -275,17 +291,23 @@ def _check_prepared(src, tok: Tokenizer, label: str) -> None:
 
 
 def rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: int,
-         num_epochs: int | None, shuffle: bool) -> grain.IterDataset:
+         num_epochs: int | None, shuffle: bool,
+         presharded: list[int] | None = None) -> grain.IterDataset:
   """Packed rows {"tokens", "tokens_segment_ids", "tokens_positions"} [T+1], mixed; with any chat
-  source every row also has "weights" [T+1] (see the module docstring)."""
+  source every row also has "weights" [T+1] (see the module docstring). `presharded` (a list) gets
+  the indices of the sources that hold only this process's share (see _ShardedEpochChunks)."""
   any_chat = any(sc.chat for sc in cfg.sources)
   if any_chat:
     tok.chat_ids()  # a tokenizer without the turn markers fails at start-up, naming it
   per_source = []
+  reads = RemoteReads(cfg.remote_read_concurrency, cfg.remote_read_block_bytes)
   for i, sc in enumerate(cfg.sources):
-    src = open_source(sc, bad_utf8=cfg.bad_utf8, bad_records=cfg.bad_records)
+    src = open_source(sc, bad_utf8=cfg.bad_utf8, bad_records=cfg.bad_records,
+                      shard=process_index, num_shards=process_count, reads=reads)
     if isinstance(src, ArrayRecordTokensSource):
       _check_prepared(src, tok, sc.label)
+    if presharded is not None and getattr(src, "presharded", False):
+      presharded.append(i)
     ds = _ShardedEpochChunks(src, shard=process_index, num_shards=process_count,
                              num_epochs=num_epochs, chunk=cfg.tokenize_batch,
                              seed=(cfg.seed * 1_000_003 + i) % 2**32 if shuffle else None,
@@ -396,6 +418,13 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
   def close(self) -> None:
     stop_threads(self._it)
 
+  def rewind(self) -> None:
+    """Back to the first batch, reusing the pipeline (its sources' indexes): a periodic eval's
+    iterator is built once."""
+    self.close()
+    self._it = iter(self._ds)
+    self._count, self._done = 0, False
+
   def get_state(self) -> dict[str, Any]:
     return {"grain": _jsonable(self._it.get_state()), "count": self._count, "done": self._done,
             "fingerprint": self._fingerprint}
@@ -440,8 +469,9 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
   batch = cfg.global_batch // process_count
   tok = Tokenizer(tokenizer_path, num_threads=cfg.num_threads)
   tok.check(vocab_size, num_real_tokens=num_real_tokens)
+  presharded: list[int] = []
   ds = rows(cfg, tok, process_index=process_index, process_count=process_count,
-            num_epochs=num_epochs, shuffle=shuffle)
+            num_epochs=num_epochs, shuffle=shuffle, presharded=presharded)
   ds = ds.batch(batch, drop_remainder=drop_remainder)
   ds = ds.map(_ToModelBatch(tok.piece_bytes()))
   if cfg.num_workers > 0:
@@ -468,6 +498,10 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
           "tokenize_batch", "num_workers")})
   if any(sc.chat for sc in cfg.sources):
     fingerprint["chat_packing_bins"] = CHAT_PACKING_BINS
+  if presharded and process_count > 1:
+    # Remote text / JSONL / Parquet sources are shared out by bytes, no longer dealt out by slots
+    # of one permutation: a state saved under the old dealing is refused rather than resumed inexactly.
+    fingerprint["byte_sharded_sources"] = presharded
   return ds, batch, fingerprint
 
 
