@@ -179,6 +179,7 @@ def _config_main(args, overrides, devices) -> int:
   teacher_cfg = preflight.teacher_config(exp) if exp.distill_mode == "online" else None
   traced, train_compiled, _ = compiled["train step"]
   print("\n".join(preflight.flops_report(exp, traced, train_compiled, len(devices), teacher_cfg)))
+  print("\n".join(preflight.roofline_report(exp, traced, train_compiled, devices, teacher_cfg)))
   too_big = None
   for name, (_, c, seconds) in compiled.items():
     line, fits = preflight.memory_line(name, c, hbm, seconds)

@@ -8,13 +8,21 @@ import jax
 
 from gemma2_jax.model.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, by `device.device_kind`.
-PEAK_FLOPS = {
-  "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12,
-  "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-  "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-  "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+# Per chip, by `device.device_kind`: dense bf16 peak FLOP/s, HBM bandwidth and interconnect bandwidth
+# (all ICI links of a TPU chip / NVLink of a GPU), bytes/s, from the vendors' published figures.
+_V4 = {"flops": 275e12, "hbm": 1228e9, "ici": 300e9}
+_V5E = {"flops": 197e12, "hbm": 819e9, "ici": 200e9}
+_V5P = {"flops": 459e12, "hbm": 2765e9, "ici": 600e9}
+_V6E = {"flops": 918e12, "hbm": 1640e9, "ici": 448e9}
+_H100 = {"flops": 989e12, "hbm": 3350e9, "ici": 900e9}
+CHIPS = {
+  "TPU v4": _V4, "TPU v5 lite": _V5E, "TPU v5e": _V5E, "TPU v5": _V5P, "TPU v5p": _V5P,
+  "TPU v6 lite": _V6E, "TPU v6e": _V6E,
+  "NVIDIA H100 80GB HBM3": _H100, "NVIDIA H100": _H100, "NVIDIA H200": {**_H100, "hbm": 4800e9},
+  "NVIDIA A100-SXM4-80GB": {"flops": 312e12, "hbm": 2039e9, "ici": 600e9},
+  "NVIDIA A100-SXM4-40GB": {"flops": 312e12, "hbm": 1555e9, "ici": 600e9},
 }
+PEAK_FLOPS = {kind: chip["flops"] for kind, chip in CHIPS.items()}
 
 
 def mean_keys(seq_len: int, window: int | None) -> float:

@@ -162,7 +162,7 @@ def flops_report(exp, traced, compiled, num_devices: int, teacher_cfg=None) -> l
 
   T = exp.train.seq_len
   per_chip = exp.train.global_batch * T / num_devices
-  model = flops.train_flops_per_token(exp.model, T) * per_chip
+  model = model_flops_per_chip(exp, num_devices, teacher_cfg)
   attention = 3 * flops.attention_flops_per_token(exp.model, T) * per_chip
   outside, kernels = traced_flops(traced.jaxpr, num_devices)
   cost = compiled.cost_analysis()
@@ -170,16 +170,37 @@ def flops_report(exp, traced, compiled, num_devices: int, teacher_cfg=None) -> l
   teacher = ""
   if teacher_cfg is not None:
     teacher_fwd = flops.forward_flops_per_token(teacher_cfg, T) * per_chip
-    teacher = f"; the teacher's forward, not in MFU: {teacher_fwd / 1e12:.1f}"
+    teacher = f"; the teacher's forward {teacher_fwd / 1e12:.1f}"
   return [
-    f"train step FLOPs per chip: model {model / 1e12:.1f} TFLOP (the trainer's MFU count: 3 x forward, "
-    f"attention over visible keys {attention / 1e12:.1f}{teacher})",
+    f"train step FLOPs per chip: model {model / 1e12:.1f} TFLOP (the trainer's MFU count: the student's "
+    f"3 x forward, attention over visible keys {attention / 1e12:.1f}{teacher}; on-policy sampling "
+    "counted at run time)",
     f"  traced {(outside + kernels) / 1e12:.1f} TFLOP = {outside / 1e12:.1f} XLA matmuls (backward and "
     f"remat recompute included, loops x trip count) + {kernels / 1e12:.1f} in Pallas kernels (every "
     f"grid step in full); XLA cost analysis {cost / 1e12:.1f} TFLOP (each loop body once, Pallas "
     f"kernels not seen)" + (f"; {loops} while loop(s) (e.g. on-policy sampling's decode) counted once "
                              f"per body" if (loops := while_loops(traced.jaxpr)) else ""),
   ]
+
+
+def model_flops_per_chip(exp, num_devices: int, teacher_cfg=None) -> float:
+  """The model FLOPs of one train step per chip that the trainer's `mfu` counts (sampling aside)."""
+  step = flops.step_flops(exp.model, exp.train.seq_len, teacher=teacher_cfg)
+  return step.total(exp.train.global_batch * exp.train.seq_len) / num_devices
+
+
+def roofline_report(exp, traced, compiled, devices, teacher_cfg=None) -> list[str]:
+  """The train step's roofline per chip (training/roofline.py) on the devices' chip, if its peaks
+  are known: compute (the traced FLOPs, remat included), HBM and collective bytes from the compiled
+  program, and the MFU ceiling they allow."""
+  from gemma2_jax.training import roofline
+
+  chip = flops.CHIPS.get(devices[0].device_kind)
+  if chip is None:
+    return [f"roofline: no published peaks for {devices[0].device_kind}"]
+  outside, kernels = traced_flops(traced.jaxpr, len(devices))
+  r = roofline.analyze(compiled.as_text(), outside + kernels)
+  return r.lines(chip, model_flops_per_chip(exp, len(devices), teacher_cfg))
 
 
 def peak_bytes(compiled) -> int:
