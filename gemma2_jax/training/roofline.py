@@ -26,7 +26,8 @@ _FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "whil
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
 _CALLEES = re.compile(
   r"(?:body|condition|to_apply|branch_computations|calls)=\{?([^,}\s]+(?:,\s*%[\w.\-]+)*)")
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+# dtype[dims] and its layout, whose S(1) marks an on-chip (TPU VMEM) buffer: no HBM traffic.
+_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,19 @@ class Roofline:
 
 def _shape_bytes(text: str) -> float:
   return sum(_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
-             for d, dims in _SHAPE.findall(text))
+             for d, dims, layout in _SHAPE.findall(text) if "S(1)" not in layout)
+
+
+def _trip_count(line: str, comps: dict[str, list[str]]) -> float:
+  """A while loop's trip count: XLA's known_trip_count, else the bound its condition compares the
+  counter with (a scan's `i < n`); 1 when neither is there."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+  if known:
+    return float(known[1])
+  cond = re.search(r"condition=%?([\w.\-]+)", line)
+  bounds = [int(c) for ln in comps.get(cond[1] if cond else "", ())
+            for c in re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", ln)]
+  return float(bounds[0]) if len(bounds) == 1 else 1.0
 
 
 def _group_size(attrs: str) -> int:
@@ -110,10 +123,7 @@ def analyze(hlo: str, flops: float) -> Roofline:
       m = _INSTR.match(line)
       if not m or m[3] not in ("while", "conditional", "call"):
         continue
-      n = 1.0
-      if m[3] == "while":
-        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-        n = float(trip[1]) if trip else 1.0
+      n = _trip_count(line, comps) if m[3] == "while" else 1.0
       for callee in _CALLEES.findall(line):
         for name in (x.strip().lstrip("%") for x in callee.split(",")):
           if name in comps and name not in times:
@@ -131,9 +141,14 @@ def analyze(hlo: str, flops: float) -> Roofline:
       if op in _FREE or op.endswith("-done") and op.removesuffix("-done") in COLLECTIVES:
         continue
       base = op.removesuffix("-start")
-      operands = rest.split(")", 1)[0]
-      read = sum(shapes.get(x.strip().lstrip("%"), 0.0) for x in operands.split(",") if x.strip())
-      written = shapes[name]
+      sizes = [shapes.get(x.strip().lstrip("%"), 0.0) for x in rest.split(")", 1)[0].split(",")
+               if x.strip()]
+      read, written = sum(sizes), shapes[name]
+      if "dynamic-update-slice" in name or op == "dynamic-update-slice":
+        # In place (e.g. a scan stacking its per-layer outputs): the update moves, not the buffer.
+        read = written = read - max(sizes, default=0.0)
+      elif "dynamic-slice" in name or op == "dynamic-slice":
+        read = written  # reads the slice it returns (e.g. a scan taking one layer's weights)
       if base in COLLECTIVES:
         if op.endswith("-start"):  # async: (operands..., outputs...) — the output half
           written = _shape_bytes(out) - read if base != "all-reduce" else read
