@@ -50,7 +50,7 @@ import grain.python as gp
 import numpy as np
 
 from gemma2_jax.data import chat
-from gemma2_jax.data.config import DataConfig
+from gemma2_jax.data.config import DataConfig, SourceConfig
 from gemma2_jax.data.sources import (
   STATS,
   ArrayRecordTokensSource,
@@ -292,10 +292,13 @@ def _check_prepared(src, tok: Tokenizer, label: str) -> None:
 
 def rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: int,
          num_epochs: int | None, shuffle: bool,
-         presharded: list[int] | None = None) -> grain.IterDataset:
+         presharded: list[int] | None = None,
+         seed_slots: list[int] | None = None) -> grain.IterDataset:
   """Packed rows {"tokens", "tokens_segment_ids", "tokens_positions"} [T+1], mixed; with any chat
   source every row also has "weights" [T+1] (see the module docstring). `presharded` (a list) gets
-  the indices of the sources that hold only this process's share (see _ShardedEpochChunks)."""
+  the indices of the sources that hold only this process's share (see _ShardedEpochChunks).
+  `seed_slots[i]`: what seeds source i's shuffle (default i, its position; a source keeps the slot it
+  had when a resumed mixture adds or removes sources, see DataIterator.set_state)."""
   any_chat = any(sc.chat for sc in cfg.sources)
   if any_chat:
     tok.chat_ids()  # a tokenizer without the turn markers fails at start-up, naming it
@@ -310,7 +313,9 @@ def rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: 
       presharded.append(i)
     ds = _ShardedEpochChunks(src, shard=process_index, num_shards=process_count,
                              num_epochs=num_epochs, chunk=cfg.tokenize_batch,
-                             seed=(cfg.seed * 1_000_003 + i) % 2**32 if shuffle else None,
+                             seed=(cfg.seed * 1_000_003 + (i if seed_slots is None else
+                                                           seed_slots[i])) % 2**32
+                             if shuffle else None,
                              label=sc.label)
     max_empty = ds.chunks_per_epoch + 1
     ds = ds.map(_TokenizeChunk(tok, cfg, sc.label, chat=sc.chat))
@@ -332,11 +337,17 @@ def rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: 
     per_source.append(ds)
   if len(per_source) == 1:
     return per_source[0]
-  names = [sc.name or f"source{i}" for i, sc in enumerate(cfg.sources)]
+  names = source_names(cfg.sources)
   if len(set(names)) != len(names):
     raise DataError(f"source names must be unique in a mixture, got {names}")
   return grain.IterDataset.mix(dict(zip(names, per_source, strict=True)),
                                {n: sc.weight for n, sc in zip(names, cfg.sources, strict=True)})
+
+
+def source_names(sources) -> list[str]:
+  """A mixture's keys: each source's name, or `source<i>` (its position) when it has none."""
+  return [(sc.name if isinstance(sc, SourceConfig) else sc.get("name")) or f"source{i}"
+          for i, sc in enumerate(sources)]
 
 
 def stop_threads(it) -> None:
@@ -371,12 +382,22 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
 
   An error while reading (bad data, an unreadable file) stops the pipeline's threads before it
   propagates (see `stop_threads`); `close()` does the same at any time.
+
+  State: {"grain": the grain pipeline's state (per source: its shard's chunk = epoch and position,
+  the document within the chunk, the packer's partial row; for a mixture also the mixing index),
+  "count", "done", "fingerprint" (what the batch sequence depends on), and, once a resumed mixture
+  dropped sources, "retired": {name: {"grain": that source's state, "slot", "source"}}}.
+  set_state resumes bit-identically under the same fingerprint; under a changed mixture or global
+  batch it continues every source where it stopped (see `_resume_changed`).
   """
 
   def __init__(self, ds: grain.IterDataset, *, batch_size: int, seq_len: int,
-               pad_to: int | None = None, fingerprint: Mapping[str, Any] | None = None):
+               pad_to: int | None = None, fingerprint: Mapping[str, Any] | None = None,
+               rebuild=None):
     self._ds = ds
     self._fingerprint = _jsonable(dict(fingerprint or {}))
+    self._rebuild = rebuild  # seed_slots -> (ds, fingerprint): the same config, sources reseeded
+    self._retired: dict[str, Any] = {}
     self._it = iter(ds)
     self.batch_size, self.seq_len = batch_size, seq_len
     self._pad_to = pad_to
@@ -426,18 +447,115 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
     self._count, self._done = 0, False
 
   def get_state(self) -> dict[str, Any]:
-    return {"grain": _jsonable(self._it.get_state()), "count": self._count, "done": self._done,
-            "fingerprint": self._fingerprint}
+    state = {"grain": _jsonable(self._it.get_state()), "count": self._count, "done": self._done,
+             "fingerprint": self._fingerprint}
+    if self._retired:
+      state["retired"] = self._retired
+    return state
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     saved = state.get("fingerprint")
     if saved is not None and _jsonable(saved) != self._fingerprint:
-      diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
-      raise DataError(f"data iterator state was saved by a different pipeline; (saved, now): "
-                      f"{diff}")
+      self._resume_changed(_jsonable(saved), state)
+      return
     self._it.set_state(from_json(state["grain"]))
     self._count = int(state["count"])
     self._done = bool(state["done"])
+    self._retired = _jsonable(state.get("retired", {}))
+
+  def _resume_changed(self, saved: dict[str, Any], state: Mapping[str, Any]) -> None:
+    """Resumes a state saved under other source weights, other sources or another global batch.
+
+    Every source present in both runs continues exactly where it stopped: the same epoch, the same
+    next document of its shard's permutation, even the rest of its partially packed row (its grain
+    state is restored as it was), so no document is replayed and none is skipped. A source new to
+    the mixture starts at its beginning (epoch 0); a source dropped from it keeps its state under
+    "retired" and continues from there if it comes back. Rows are then drawn from the sources by
+    the new weights, in the order a fresh run with these weights would draw them (the mixing index
+    restarts at 0), and batched by the new global batch. Anything else changed is refused.
+    """
+    now = self._fingerprint
+    free = ("sources", "global_batch", "chat_packing_bins", "byte_sharded_sources", "seed_slots")
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if k not in free and saved.get(k) != now.get(k)}
+    if "process_count" in diff or "process_index" in diff:
+      raise DataError(
+        f"data iterator state was saved by process {saved.get('process_index')} of "
+        f"{saved.get('process_count')} (process_count), this is process {now.get('process_index')} "
+        f"of {now.get('process_count')}: each process's document positions cannot be re-mapped "
+        f"to another process count; resume with {saved.get('process_count')} processes, or set "
+        "checkpoint.restore_data=False to restart the data stream (documents already seen are "
+        "seen again)")
+    if diff or self._rebuild is None:
+      raise DataError(f"data iterator state was saved by a different pipeline; (saved, now): {diff}"
+                      " (only source weights, the set of sources and global_batch may change)")
+    old, new = saved["sources"], now["sources"]
+    old_names, new_names = source_names(old), source_names(new)
+    if len(old) != len(new) and not all(sc.get("name") for sc in old + new):
+      raise DataError("a resumed mixture adds or removes sources: name every source "
+                      "(SourceConfig.name), in the saved run and now, so that each continues "
+                      f"where it stopped (saved: {[sc.get('name') for sc in old]}, now: "
+                      f"{[sc.get('name') for sc in new]})")
+    old_slots = saved.get("seed_slots") or list(range(len(old)))
+    retired = _jsonable(state.get("retired", {}))
+    # name -> (its source fingerprint, seed slot, grain state or None = still inside the mixture)
+    known = {n: (sc, slot, None) for n, sc, slot in zip(old_names, old, old_slots, strict=True)}
+    for n, r in retired.items():
+      known.setdefault(n, (r["source"], r["slot"], r["grain"]))
+
+    def _same(a, b):  # a source's identity: everything but its weight (and paths, never stored)
+      return {k: v for k, v in a.items() if k != "weight"} == \
+             {k: v for k, v in b.items() if k != "weight"}
+
+    for n, sc in zip(new_names, new, strict=True):
+      if n in known and not _same(known[n][0], sc):
+        d = {k: (known[n][0].get(k), sc.get(k)) for k in set(known[n][0]) | set(sc)
+             if k != "weight" and known[n][0].get(k) != sc.get(k)}
+        raise DataError(f"source {n!r} changed since the saved run ((saved, now): {d}); only its "
+                        "weight may change on resume: give a different corpus a new name (it then "
+                        "starts from its beginning)")
+    taken = {known[n][1] for n in known}
+    slots, free_slot = [], 0
+    for n in new_names:
+      if n in known:
+        slots.append(known[n][1])
+      else:
+        while free_slot in taken:
+          free_slot += 1
+        slots.append(free_slot)
+        taken.add(free_slot)
+    if slots != (now.get("seed_slots") or list(range(len(new)))):
+      stop_threads(self._it)
+      self._ds, self._fingerprint = self._rebuild(slots)
+      self._it = iter(self._ds)
+    if self._fingerprint == saved:  # e.g. the same changed mixture resumed again: exact
+      self.set_state(state)
+      return
+    if now.get("num_workers"):
+      raise DataError("a changed mixture or global batch resumes with data.num_workers=0 only "
+                      "(grain worker processes each hold a slice of every source)")
+    # Per-source grain states: a mixture's "parents" by name, or a single source's whole state.
+    grain_state = _jsonable(state["grain"])
+    per_source = (dict(grain_state["parents"]) if len(old) > 1 else {old_names[0]: grain_state})
+    fresh = _jsonable(self._it.get_state())
+    fresh_parents = fresh["parents"] if len(new) > 1 else {new_names[0]: fresh}
+    parents = {}
+    for n in new_names:
+      got = per_source.get(n) if n in per_source else known.get(n, (None, None, None))[2]
+      parents[n] = got if got is not None else fresh_parents[n]
+    self._retired = {n: {"grain": per_source.get(n, known[n][2]), "slot": known[n][1],
+                         "source": known[n][0]} for n in known if n not in new_names}
+    new_state = (parents[new_names[0]] if len(new) == 1 else
+                 {"parents": parents, "index": 0, "stop": False})
+    self._it.set_state(from_json(new_state))
+    self._count = int(state["count"])
+    self._done = False
+    added = [n for n in new_names if n not in known]
+    log.info("data: resumed under a changed mixture / global batch: %s continue where they "
+             "stopped%s%s; rows are mixed afresh by the new weights",
+             [n for n in new_names if n in known] or "no sources",
+             f", {added} start from their beginning" if added else "",
+             f", {sorted(self._retired)} are set aside (kept in the state)" if self._retired else "")
 
 
 def _jsonable(x):
@@ -455,7 +573,8 @@ def from_json(x):
 
 def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | None,
            tokenizer_path, vocab_size: int | None, num_real_tokens: int | None,
-           num_epochs: int | None, shuffle: bool, drop_remainder: bool):
+           num_epochs: int | None, shuffle: bool, drop_remainder: bool,
+           seed_slots: list[int] | None = None):
   if process_index is None or process_count is None:
     import jax
 
@@ -471,7 +590,7 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
   tok.check(vocab_size, num_real_tokens=num_real_tokens)
   presharded: list[int] = []
   ds = rows(cfg, tok, process_index=process_index, process_count=process_count,
-            num_epochs=num_epochs, shuffle=shuffle, presharded=presharded)
+            num_epochs=num_epochs, shuffle=shuffle, presharded=presharded, seed_slots=seed_slots)
   ds = ds.batch(batch, drop_remainder=drop_remainder)
   ds = ds.map(_ToModelBatch(tok.piece_bytes()))
   if cfg.num_workers > 0:
@@ -502,6 +621,9 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
     # Remote text / JSONL / Parquet sources are shared out by bytes, no longer dealt out by slots
     # of one permutation: a state saved under the old dealing is refused rather than resumed inexactly.
     fingerprint["byte_sharded_sources"] = presharded
+  if seed_slots is not None and list(seed_slots) != list(range(len(cfg.sources))):
+    # Only after a resume that added / removed sources (absent otherwise: older states stay valid).
+    fingerprint["seed_slots"] = list(seed_slots)
   return ds, batch, fingerprint
 
 
@@ -518,11 +640,12 @@ def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int | None 
   """
   if not isinstance(cfg, DataConfig):
     cfg = DataConfig.from_dict(cfg)
-  ds, batch, fp = _build(cfg, process_index=process_index, process_count=process_count,
-                         tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                         num_real_tokens=num_real_tokens, num_epochs=cfg.num_epochs,
-                         shuffle=cfg.shuffle, drop_remainder=True)
-  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, fingerprint=fp)
+  kw = dict(process_index=process_index, process_count=process_count,
+            tokenizer_path=tokenizer_path, vocab_size=vocab_size, num_real_tokens=num_real_tokens,
+            num_epochs=cfg.num_epochs, shuffle=cfg.shuffle, drop_remainder=True)
+  ds, batch, fp = _build(cfg, **kw)
+  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, fingerprint=fp,
+                      rebuild=lambda slots: _build(cfg, seed_slots=slots, **kw)[::2])
 
 
 def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int | None = 0,
@@ -536,9 +659,9 @@ def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int | None =
   """
   if not isinstance(cfg, DataConfig):
     cfg = DataConfig.from_dict(cfg)
-  ds, batch, fp = _build(cfg, process_index=process_index, process_count=process_count,
-                         tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                         num_real_tokens=num_real_tokens, num_epochs=1, shuffle=False,
-                         drop_remainder=False)
+  kw = dict(process_index=process_index, process_count=process_count,
+            tokenizer_path=tokenizer_path, vocab_size=vocab_size, num_real_tokens=num_real_tokens,
+            num_epochs=1, shuffle=False, drop_remainder=False)
+  ds, batch, fp = _build(cfg, **kw)
   return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, pad_to=num_batches,
-                      fingerprint=fp)
+                      fingerprint=fp, rebuild=lambda slots: _build(cfg, seed_slots=slots, **kw)[::2])
