@@ -2,7 +2,7 @@
 
 Layers, bottom to top; a module imports only from its own rank or below:
   0  gemma2_jax.errors, .paths, .parallel, .model, .data, .checkpoint (finer order: RANK0_MAY_IMPORT)
-  1  gemma2_jax.inference, .merging
+  1  gemma2_jax.inference, .merging, .benchmarks (the lm-eval backend)
   2  gemma2_jax.distill
   3  gemma2_jax.training
   4  gemma2_jax.cli
@@ -26,7 +26,8 @@ PKG_DIR = Path(__file__).resolve().parents[1] / PKG
 
 SHIMS = ("aot", "convert", "evaluate", "merge", "prepare_data", "sample", "teacher_logits", "train")
 RANKS = {"errors": 0, "paths": 0, "parallel": 0, "model": 0, "data": 0, "checkpoint": 0,
-         "inference": 1, "merging": 1, "distill": 2, "training": 3, "cli": 4, "shim": 5, "root": 5}
+         "inference": 1, "merging": 1, "benchmarks": 1, "distill": 2, "training": 3, "cli": 4,
+         "shim": 5, "root": 5}
 LIBRARY_TOP = 3  # ranks 0-3 are the library; cli and above are the commands
 # Within rank 0, what each part may import besides itself (what holds today): errors and paths are
 # the base; data and checkpoint are independent of each other.
@@ -38,7 +39,8 @@ RANK0_MAY_IMPORT = {
   "data": {"errors", "paths"},
   "checkpoint": {"errors", "paths", "parallel", "model"},
 }
-LAYERS = ("errors/paths/parallel/model/data/checkpoint (0) < inference, merging (1) < distill (2)"
+LAYERS = ("errors/paths/parallel/model/data/checkpoint (0) < inference, merging, benchmarks (1)"
+          " < distill (2)"
           " < training (3) < cli (4) < command shims, package root (5)")
 
 
