@@ -54,4 +54,7 @@ def get_config():
     name: {**dict(c.data.train), "sources": [
       {**source, "name": f"{name}_eval", "paths": [f"gs://BUCKET/{name}_eval/*.jsonl"], "format": "jsonl"}]}
     for name in ("ko", "en")}
+  # Checkpoints: every 500 steps or 30 minutes, whichever comes first; the last 3 kept, and a
+  # milestone every 5000 steps kept for good.
+  c.checkpoint.update(save_every=500, save_every_minutes=30, keep_last=3, keep_every=5000)
   return c

@@ -49,4 +49,7 @@ def get_config():
              train="gs://BUCKET/prompts/*.jsonl", fmt="jsonl")
   c.data.train.chat = True
   c.data.train.pack = False
+  # Checkpoints: every 500 steps or 30 minutes, whichever comes first; the last 3 kept, and a
+  # milestone every 5000 steps kept for good.
+  c.checkpoint.update(save_every=500, save_every_minutes=30, keep_last=3, keep_every=5000)
   return c

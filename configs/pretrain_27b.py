@@ -37,4 +37,7 @@ def get_config():
   c.optimizer.end_learning_rate = 1.5e-5
   c.optimizer.warmup_steps = 2000
   set_corpus(c, tokenizer="/ckpt/gemma/tokenizer.model", train="gs://BUCKET/corpus/*.jsonl", fmt="jsonl")
+  # Checkpoints: every 1000 steps or 30 minutes, whichever comes first; the last 3 kept, and a
+  # milestone every 10_000 steps kept for good.
+  c.checkpoint.update(save_every=1000, save_every_minutes=30, keep_last=3, keep_every=10_000)
   return c

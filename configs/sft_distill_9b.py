@@ -50,4 +50,7 @@ def get_config():
   c.data.eval = dict(c.data.train)
   c.data.eval.sources = [{**source, "name": "chat_eval", "paths": ["gs://BUCKET/sft_eval/*.jsonl"],
                           "format": "jsonl", "chat": True}]
+  # Checkpoints: every 500 steps or 30 minutes, whichever comes first; the last 3 kept, and a
+  # milestone every 5000 steps kept for good.
+  c.checkpoint.update(save_every=500, save_every_minutes=30, keep_last=3, keep_every=5000)
   return c

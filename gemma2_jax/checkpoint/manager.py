@@ -27,6 +27,9 @@ from gemma2_jax.paths import as_path
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
   save_every: int = 1000  # steps between saves (0 = only at the end and on SIGTERM)
+  # Also save once this many minutes of wall time passed since the last save (or the start); 0 = off.
+  # Either cadence triggers a save; process 0's clock decides for every process (training.hooks).
+  save_every_minutes: float = 0.0
   keep_last: int = 3  # most recent checkpoints kept
   keep_every: int = 0  # also keep every step that is a multiple of this, forever (0 = none)
   async_save: bool = True
@@ -39,6 +42,8 @@ class CheckpointConfig:
   def __post_init__(self):
     if self.save_every < 0 or self.keep_last < 1 or self.keep_every < 0:
       raise ValueError("checkpoint.save_every and keep_every must be >= 0, keep_last >= 1")
+    if not self.save_every_minutes >= 0:
+      raise ValueError("checkpoint.save_every_minutes must be >= 0 (0 = off)")
     if not self.storage_timeout_s > 0:
       raise ValueError("checkpoint.storage_timeout_s must be > 0 (seconds)")
 

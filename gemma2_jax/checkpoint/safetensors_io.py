@@ -33,20 +33,35 @@ def is_local(path: epath.Path) -> bool:
   return "://" not in str(path)
 
 
+def _read_bytes(path: epath.Path, start: int, stop: int) -> bytes:
+  """Bytes [start, stop) of a file (fewer at its end). A remote one: one ranged GET (fsspec's
+  `cat_file`), not a file object, whose read-ahead would fetch megabytes past the range."""
+  if is_local(path):
+    with open(os.fspath(path), "rb") as f:
+      f.seek(start)
+      return f.read(stop - start)
+  import fsspec
+
+  fs, key = fsspec.core.url_to_fs(str(path))
+  try:
+    return fs.cat_file(key, start=start, end=stop)
+  except Exception as e:  # gcsfs / aiohttp errors after their retries: name the file
+    raise CheckpointError(f"{path}: cannot read bytes {start}-{stop} ({type(e).__name__}: {e})") from None
+
+
 def _read_header(path: epath.Path) -> tuple[dict, int]:
   size = path.stat().length
-  with path.open("rb") as f:
-    raw = f.read(8)
-    if len(raw) < 8:
-      raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-    (n,) = struct.unpack("<Q", raw)
-    if n > size - 8:
-      raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file is "
-                            f"{size} bytes)")
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+  raw = _read_bytes(path, 0, min(8, size))
+  if len(raw) < 8:
+    raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+  (n,) = struct.unpack("<Q", raw)
+  if n > size - 8:
+    raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file is "
+                          f"{size} bytes)")
+  try:
+    header = json.loads(_read_bytes(path, 8, 8 + n))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
   if not isinstance(header, dict):
     raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
   header.pop("__metadata__", None)
@@ -126,31 +141,110 @@ class SafetensorsReader:
     if is_local(f):
       arr = np.fromfile(os.fspath(f), dtype=dtype, count=count, offset=offset)
     else:  # np.fromfile needs an OS file; the result is read-only (callers copy out of it)
-      with f.open("rb") as fh:
-        fh.seek(offset)
-        arr = np.frombuffer(fh.read(count * dtype.itemsize), dtype=dtype)
+      data = _read_bytes(f, offset, offset + count * dtype.itemsize)
+      if len(data) != count * dtype.itemsize:
+        raise CheckpointError(f"{f}: tensor {name!r}: read {len(data)} of its "
+                              f"{count * dtype.itemsize} bytes: the file changed while being read")
+      arr = np.frombuffer(data, dtype=dtype)
     return arr.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
 
-  def view(self, name: str) -> np.ndarray:
+  def view(self, name: str) -> np.ndarray | RemoteTensor:
     """The tensor as a read-only memory map of its bytes: pages are read only when touched, and
     released when the map is dropped, so slicing it costs the slice, not the tensor.
 
-    A remote file (gs://...) cannot be mapped: it is read whole, so a caller should use one tensor
-    at a time.
+    A remote file (gs://...) cannot be mapped: it is a `RemoteTensor`, whose row ranges are read
+    with one ranged GET each (`rows`, `window`, or slicing along the first axis).
     """
     f, dtype, shape, offset, count = self._locate(name)
-    if not is_local(f) or count == 0:  # np.memmap refuses an empty range
+    if count == 0 or not shape:  # np.memmap refuses an empty range; a scalar is read whole
       return self.get(name)
+    if not is_local(f):
+      return RemoteTensor(f, dtype, tuple(shape), offset)
     return np.memmap(os.fspath(f), dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+
+
+class RemoteTensor:
+  """A tensor of a remote safetensors file, read by ranges of rows (its first axis) on demand.
+
+  Stored tensors are row-major, so a range of rows is one contiguous byte range: one ranged GET
+  (fsspec `cat_file`, no read-ahead). A range of columns is not contiguous: whoever needs columns
+  reads the rows that hold them.
+  """
+
+  def __init__(self, path: epath.Path, dtype: np.dtype, shape: tuple[int, ...], offset: int):
+    self.path, self.dtype, self.shape, self.offset = path, dtype, shape, offset
+    self.ndim = len(shape)
+    self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+  def _read(self, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of the tensor: one ranged read."""
+    begin, end = self.offset + start, self.offset + stop
+    data = _read_bytes(self.path, begin, end)
+    if len(data) != stop - start:
+      raise CheckpointError(f"{self.path}: read {len(data)} of bytes {begin}-{end}: the file is "
+                            "truncated or changed while being read")
+    return data
+
+  def rows(self, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) (clipped to the tensor), read with one ranged GET."""
+    lo = max(0, lo)
+    hi = max(lo, min(self.shape[0], hi))
+    data = self._read(lo * self.row_bytes, hi * self.row_bytes) if hi > lo else b""
+    return np.frombuffer(data, self.dtype).reshape(hi - lo, *self.shape[1:])
+
+  def window(self, ranges: Iterable[tuple[int, int]]) -> np.ndarray:
+    """The whole tensor's shape, backed by an anonymous memory map, with only the rows in `ranges`
+    (merged where they touch) read; the other rows are never read and, untouched, take no memory.
+    A caller must only look at the rows it asked for (the others read as zeros)."""
+    import mmap
+
+    spans: list[list[int]] = []
+    for lo, hi in sorted((max(0, a), min(self.shape[0], b)) for a, b in ranges):
+      if hi <= lo:
+        continue
+      if spans and lo <= spans[-1][1]:
+        spans[-1][1] = max(spans[-1][1], hi)
+      else:
+        spans.append([lo, hi])
+    if spans == [[0, self.shape[0]]]:
+      return self.rows(0, self.shape[0])
+    nbytes = self.shape[0] * self.row_bytes
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    for lo, hi in spans:
+      buf[lo * self.row_bytes:hi * self.row_bytes] = self._read(lo * self.row_bytes, hi * self.row_bytes)
+    return np.frombuffer(buf, self.dtype, count=nbytes // self.dtype.itemsize).reshape(self.shape)
+
+  def __array__(self, dtype=None, copy=None):
+    whole = self.rows(0, self.shape[0]) if self.ndim else np.frombuffer(
+      self._read(0, self.dtype.itemsize), self.dtype).reshape(())
+    return whole if dtype is None else whole.astype(dtype)
+
+  def __getitem__(self, index):
+    """Slicing: the rows the first index selects are read (one range), then sliced in memory."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not self.ndim or not index or index[0] is Ellipsis:
+      return np.asarray(self)[index]
+    first, rest = index[0], index[1:]
+    if isinstance(first, slice) and first.step in (None, 1):
+      lo, hi, _ = first.indices(self.shape[0])
+      return self.rows(lo, hi)[(slice(None), *rest)]
+    if isinstance(first, (int, np.integer)):
+      i = int(first) + (self.shape[0] if first < 0 else 0)
+      if not 0 <= i < self.shape[0]:
+        raise IndexError(f"index {first} is out of bounds for axis 0 with size {self.shape[0]}")
+      return self.rows(i, i + 1)[(0, *rest)]
+    return np.asarray(self)[index]
 
 
 def write_sharded(path: epath.Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
                   produce: Iterator[np.ndarray], *, max_shard_bytes: int = 5 * 10**9,
-                  metadata: dict | None = None, progress=None) -> list[epath.Path]:
+                  metadata: dict | None = None, progress=None,
+                  single: str = "model.safetensors") -> list[epath.Path]:
   """Writes tensors (declared up front, produced one at a time, in order) to safetensors shards.
 
-  One shard is written as `model.safetensors`; more get HF's `model-0000i-of-0000n.safetensors`
-  names and an index file.
+  One shard is written as `single` (`model.safetensors`; a PEFT adapter's is
+  `adapter_model.safetensors`); more get HF's `model-0000i-of-0000n.safetensors` names and an index
+  file.
   """
   specs = [(name, tuple(shape), np.dtype(dtype)) for name, shape, dtype in tensors]
   shards: list[list] = [[]]
@@ -163,7 +257,7 @@ def write_sharded(path: epath.Path, tensors: Iterable[tuple[str, tuple[int, ...]
     shards[-1].append(spec)
     size += nbytes
   n = len(shards)
-  names = (["model.safetensors"] if n == 1 else
+  names = ([single] if n == 1 else
            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
   weight_map, total, written = {}, 0, []
   for fname, shard in zip(names, shards, strict=True):

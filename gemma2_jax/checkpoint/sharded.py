@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma2_jax.checkpoint.mapping import Slot, by_leaf, fill
+from gemma2_jax.checkpoint.safetensors_io import RemoteTensor
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import param_shapes
 
@@ -73,6 +74,28 @@ def from_blocks(cfg: ModelConfig, slots: list[Slot], open_tensor: Callable[[str]
                      for path, leaf in by_leaf(slots).items()})
 
 
+def stored_rows(slot: Slot, stored_shape: tuple[int, ...], block: tuple[slice, ...]) -> tuple[int, int]:
+  """[lo, hi): the rows (first axis) of the stored tensor that `fill(slot, value, out, block)` reads.
+
+  Found by running the slot's `to_native` on an array of row numbers broadcast to the stored shape
+  (a view: transposes and reshapes of it stay views), then taking the block of it: no tensor data is
+  needed. A block of columns (e.g. an FSDP split of HF's (out, in) weights along `in`) touches every
+  row, so the whole tensor is read.
+  """
+  if not stored_shape:
+    return 0, 1
+  if slot.pad:  # fill copies value[start:start + real] untransformed
+    start, stop, _ = block[0].indices(slot.shape[0])
+    return start, max(start, min(stop, stored_shape[0]))
+  numbers = np.arange(stored_shape[0], dtype=np.int64).reshape(-1, *[1] * (len(stored_shape) - 1))
+  touched = slot.entry.to_native(np.broadcast_to(numbers, stored_shape))[block]
+  if touched.size == 0:
+    return 0, 0
+  # Axes along which the row number does not change (stride 0) need not be scanned.
+  touched = touched[tuple(0 if st == 0 else slice(None) for st in touched.strides)]
+  return int(touched.min()), int(touched.max()) + 1
+
+
 def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
   """A device's index (slices, None for a whole axis) as hashable (start, stop) pairs."""
   return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
@@ -105,6 +128,8 @@ def _block_array(shape: tuple[int, ...], sharding, dtype: np.dtype, slots: list[
         targets.append((buf[local] if local else buf, tuple(slice(a, b) for a, b in tail)))
     if targets:
       value = open_tensor(slot.key)
+      if isinstance(value, RemoteTensor):  # read only the stored rows the local blocks touch
+        value = value.window([stored_rows(slot, value.shape, block) for _, block in targets])
       for out, block in targets:
         fill(slot, value, out, block)
       del value  # unmaps the tensor: its pages stop counting against this process

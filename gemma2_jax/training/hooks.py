@@ -171,7 +171,14 @@ class Evaluator:
 
 
 class Checkpointer:
-  """Saves every `save_every` steps (not at the last: `final` saves it) and on preemption.
+  """Saves every `save_every` steps and/or every `checkpoint.save_every_minutes` of wall time (not at
+  the last step: `final` saves it), and on preemption.
+
+  The time cadence counts from the start of the run or the last save. With several processes one
+  clock decides, so that every process saves the same step: process 0 publishes its decision for
+  each step in the coordination service's key-value store and the others read it at that step (as
+  Orbax's ContinuousCheckpointingPolicy does: a host-side RPC, no device collective, so the device
+  queue never drains for it).
 
   Preemption: a stop asked of this process (`stop_requested()`, see loop._stop_signals) or the
   collective sync point `ckpt.reached_preemption(done)`, checked after every step on every process;
@@ -180,13 +187,45 @@ class Checkpointer:
   """
 
   def __init__(self, ckpt, data_iter, config_json: dict, *, save_every: int, steps: int,
-               stop_requested: Callable[[], bool], check_finite: Callable[[dict, int], int]):
+               stop_requested: Callable[[], bool], check_finite: Callable[[dict, int], int],
+               save_every_minutes: float | None = None, clock: Callable[[], float] = time.monotonic):
     self.ckpt, self.data_iter, self.config_json = ckpt, data_iter, config_json
     self.every, self.steps = save_every, steps
     self.stop_requested, self.check_finite = stop_requested, check_finite
+    if save_every_minutes is None:  # the workdir checkpointer's setting (checkpoint.save_every_minutes)
+      save_every_minutes = getattr(getattr(ckpt, "cfg", None), "save_every_minutes", 0.0)
+    self.interval_s = 60.0 * float(save_every_minutes or 0.0)
+    self.clock = clock
+    self.last_save = clock()
+    self._decided: tuple[int, bool] | None = None  # (done, due) of the last step decided
 
   def due(self, done: int) -> bool:
-    return bool(self.every and done % self.every == 0 and done < self.steps)
+    if not (done < self.steps):
+      return False
+    if self.every and done % self.every == 0:
+      return True
+    if not self.interval_s:
+      return False
+    if self._decided is None or self._decided[0] != done:  # decided once per step (a KV exchange)
+      self._decided = (done, self._time_due(done))
+    return self._decided[1]
+
+  def _time_due(self, done: int) -> bool:
+    mine = self.clock() - self.last_save >= self.interval_s
+    if jax.process_count() == 1:
+      return mine
+    from jax._src import distributed as dist
+
+    client, key = dist.global_state.client, f"gemma2_jax/timed_save/{done}"
+    if jax.process_index() == 0:
+      client.key_value_set(key, "1" if mine else "0", allow_overwrite=True)
+      if done > 1000:  # every process read that step's decision long ago (the steps' collectives)
+        try:
+          client.key_value_delete(f"gemma2_jax/timed_save/{done - 1000}")
+        except Exception:  # housekeeping only
+          pass
+      return mine
+    return client.blocking_key_value_get(key, 3_600_000) == "1"
 
   def __call__(self, done: int, state, metrics) -> bool:
     """Saves `state` (after `done` steps) where due; True: preempted (saved), the run must stop."""
@@ -201,6 +240,7 @@ class Checkpointer:
   def _save(self, done: int, state, metrics, **kw):
     self.check_finite(jax.device_get(metrics), done - 1)
     self.ckpt.save(done, state, self.data_iter, self.config_json, **kw)
+    self.last_save = self.clock()
 
   def final(self, state):
     """The last step's state, unless a run that already finished saved it; waits for the writes."""
