@@ -37,6 +37,7 @@ class Trainer:
     self.workdir = paths.as_path(workdir)
     # Every storage operation from here on ends the run with one line if it does not end in time.
     set_timeout(exp.checkpoint.storage_timeout_s)
+    self.notes = []  # printed once the workdir is known to be this run's
     self.exp = exp = self._keep_schedule(exp)
     if exp.init_from:
       # A wrong path, or a checkpoint of another model, fails here, before the workdir is touched.
@@ -140,10 +141,9 @@ class Trainer:
         return exp  # reported by _check_workdir
     if not isinstance(was, int) or was == exp.train.steps:
       return exp
-    if jax.process_index() == 0:
-      print(f"note: train.steps {was} -> {exp.train.steps}: the {opt.schedule} learning-rate schedule "
-            f"keeps the run's {was} steps (no jump; end_learning_rate {opt.end_learning_rate:g} after "
-            f"step {was}); set optimizer.decay_steps for another", file=sys.stderr)
+    self.notes.append(f"note: train.steps {was} -> {exp.train.steps}: the {opt.schedule} learning-rate "
+                      f"schedule keeps the run's {was} steps (no jump; end_learning_rate "
+                      f"{opt.end_learning_rate:g} after step {was}); set optimizer.decay_steps for another")
     return dataclasses.replace(exp, optimizer=dataclasses.replace(opt, decay_steps=was))
 
   def restore_or_init(self, ckpt: TrainCheckpointer) -> TrainState:
@@ -160,6 +160,8 @@ class Trainer:
     """Trains from where restore_or_init starts to train.steps; returns the summary: start_step, then
     preempted_at_step, or the last logged metrics, the final eval's metrics and hf_export."""
     self._check_workdir()
+    for note in self.notes if jax.process_index() == 0 else ():
+      print(note, file=sys.stderr)
     ckpt = TrainCheckpointer(self.workdir, self.exp.checkpoint)
     try:
       state = self.restore_or_init(ckpt)
