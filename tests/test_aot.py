@@ -187,7 +187,8 @@ def test_sampler_prefill_and_decode_compile_from_shapes_on_a_mesh():
   (["--sample", "--checkpoint=/nowhere", "--prompt_len=16"], 1, "/nowhere"),
   (["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--top_p=2"], 1, "top_p must be in (0, 1]"),
   (["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--mesh=tensor"], 1, "--mesh 'tensor'"),
-  (["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--cache_dtype=int3"], 1, "--cache_dtype"),
+  (["--sample", "--preset=gemma2_9b", "--prompt_len=16", "--cache_dtype=int3"], 2,
+   "--cache_dtype: 'int3' is not a float dtype"),
 ])
 def test_sample_cli_bad_input_is_one_error_line(argv, rc, message, capsys):
   """Checked before libtpu is needed: one `error:` line naming the problem."""

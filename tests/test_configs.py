@@ -25,7 +25,9 @@ def load(path: Path):
 def test_config_parses_and_documents_its_command(path):
   module = load(path)
   assert f"--config=configs/{path.name}" in module.__doc__
-  exp = from_config(module.get_config(), num_devices=8 if "tiny" in path.stem else 32)
+  # A config sized for a number of devices says so (NUM_DEVICES: lora_ko_9b's one accelerator).
+  exp = from_config(module.get_config(),
+                    num_devices=getattr(module, "NUM_DEVICES", 8 if "tiny" in path.stem else 32))
   assert exp.train.global_batch % exp.train.grad_accum_steps == 0
   assert exp.data_train.sources
 

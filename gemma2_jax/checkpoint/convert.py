@@ -8,7 +8,14 @@ import os
 
 import numpy as np
 
-from gemma2_jax.checkpoint import CheckpointError, check_config, load_params, save_params, stored_dtype
+from gemma2_jax.checkpoint import (
+  CheckpointError,
+  check_config,
+  load_params,
+  read_config,
+  save_params,
+  stored_dtype,
+)
 from gemma2_jax.model.config import FLOAT_DTYPES, ModelConfig, float_dtype
 
 
@@ -32,13 +39,16 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: str | None = None,
             config: ModelConfig | None = None, max_shard_bytes: int | None = None,
-            progress=None) -> tuple[ModelConfig, np.dtype, os.PathLike]:
+            progress=None,
+            merge_lora: str | os.PathLike | None = None) -> tuple[ModelConfig, np.dtype, os.PathLike]:
   """Writes the checkpoint `src` (any format, detected) as format `to` to the new directory `dst`.
 
   `dtype`: of the written tensors (default: the one `src` stores; reading in it keeps the copy in
   memory the size of the checkpoint). `config`: the model config of a Kaggle tree, which stores none;
   a source that stores its own must agree with it. `max_shard_bytes`: HF output shard size.
   `progress(phase)`: a context manager giving a tqdm-like bar for phase "read" or "write".
+  `merge_lora`: a PEFT LoRA adapter directory of `src`'s model (checkpoint/peft.py), merged into
+  the weights before they are written (W + alpha / r * B A, layer by layer in fp32).
   Returns (the model config, the dtype written, the output path).
   """
   if config is not None:
@@ -49,8 +59,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: s
   if dtype.name not in FLOAT_DTYPES:
     raise CheckpointError(f"{src} stores {dtype.name} weights; give --dtype ({', '.join(FLOAT_DTYPES)})")
   bar = progress or (lambda phase: contextlib.nullcontext())
+  if merge_lora:
+    from gemma2_jax.checkpoint import peft
+
+    adapter = peft.load_adapter(merge_lora, config or read_config(src))  # refused before the base is read
   with bar("read") as b:
     cfg, params = load_params(src, dtype, config=config, progress=b)
+  if merge_lora:
+    params = peft.merge(params, cfg, adapter)
   kwargs = {"max_shard_bytes": max_shard_bytes} if to == "hf" and max_shard_bytes else {}
   with bar("write") as b:
     out = save_params(params, cfg, dst, to, dtype, progress=b, **kwargs)

@@ -53,7 +53,8 @@ def export_hf(params: dict, model_cfg: ModelConfig, path: epath.Path) -> epath.P
   exists = bool(multihost_utils.broadcast_one_to_all(np.int32(here)))
   if exists:  # a finished run re-run: already exported
     return path
-  lazy = jax.tree.map(_OneSliceAtATime, params)
+  # Leaves that already fetch their slices lazily (a LoRA run's merged weights) go as they are.
+  lazy = jax.tree.map(lambda x: _OneSliceAtATime(x) if isinstance(x, jax.Array) else x, params)
   if jax.process_index() == 0:
     checkpoint.save_params(lazy, model_cfg, path, "hf")
   else:

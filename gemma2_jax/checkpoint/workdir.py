@@ -44,6 +44,7 @@ def run_config(path: epath.Path) -> dict:
 
 
 def latest_state(path: epath.Path) -> epath.Path:
+  _model_run(path)
   # Locally Orbax renames a step directory into place once its save is finalized; in a bucket it
   # writes in place and marks the step complete at the end: ask Orbax, not the name.
   import orbax.checkpoint as ocp
@@ -67,7 +68,19 @@ def stored_dtype(path: epath.Path) -> np.dtype:
 
 
 def read_config(path: epath.Path) -> ModelConfig:
-  return ModelConfig.from_dict(run_config(path)["model"])
+  return ModelConfig.from_dict(_model_run(path)["model"])
+
+
+def _model_run(path: epath.Path) -> dict:
+  """The run's config; a CheckpointError for a LoRA run, whose checkpoints hold adapters (the model is
+  its base plus them), naming what to use instead."""
+  saved = run_config(path)
+  if saved.get("lora"):
+    raise CheckpointError(
+      f"workdir {path} is a LoRA run: its checkpoints hold adapters, not a model; use its merged export "
+      f"({path}/hf_step<N>) or merge its adapter into the base: python -m gemma2_jax.convert "
+      f"--src {saved.get('init_from') or 'BASE'} --merge_lora {path}/peft_step<N> --dst OUT --to hf")
+  return saved
 
 
 def _open(path: epath.Path, config: ModelConfig | None) -> tuple[ModelConfig, epath.Path, dict]:

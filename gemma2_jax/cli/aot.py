@@ -7,7 +7,8 @@ the train step's FLOPs per chip (the trainer's MFU count against a count of the 
   python -m gemma2_jax.aot --sample (--preset=gemma2_27b | --checkpoint=PATH) --topology=v5p:2x2x1 \
       --batch_size=64 --prompt_len=2048 --max_new_tokens=1024 [--cache_dtype=bfloat16] [--mesh=tensor=4]
 
-A config compiles its train step, eval step and (with a teacher) teacher_logits step. `--sample`
+A config compiles its train step, eval step and (with a teacher) teacher_logits step. A single chip
+(--topology=v6e:1x1, v5e:1x1) is a topology too: one accelerator (configs/lora_ko_9b.py). `--sample`
 compiles `python -m gemma2_jax.sample`'s two programs instead (sampler.Sampler's jitted prefill and
 its decode loop, the decode state donated) for `--batch_size` rows of a `--prompt_len`-token prompt
 bucket, with that CLI's flags and defaults: params in --dtype (bfloat16, sample's `auto` on TPU) laid
@@ -127,8 +128,7 @@ def main(argv=None) -> int:
     except UserError as e:
       return _error(e)
   try:
-    from jax.experimental import topologies
-    topology = topologies.get_topology_desc(platform="tpu", topology_name=args.topology)
+    topology = _topology(args.topology)
   except Exception as e:  # libtpu missing or an unknown topology name
     hint = ("install the tpu extra (pip install -e '.[tpu]') and use names like v5p:2x2x2 or v5e:4x4"
             if "lockfile" not in str(e) else  # another process (e.g. an aot run) holds libtpu
@@ -142,6 +142,23 @@ def main(argv=None) -> int:
     return _config_main(args, overrides, topology.devices)
   except UserError as e:
     return _error(e)
+
+
+def _topology(name: str):
+  """The TPU topology `name`; one smaller than libtpu's default host (2x2x1 chips), such as a single
+  chip (v6e:1x1, v5e:1x1: one accelerator, e.g. configs/lora_ko_9b.py), is one host of its own size."""
+  from jax.experimental import topologies
+
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=name)
+  except Exception as e:
+    if "chips_per_host_bounds" not in str(e):
+      raise
+    dims = [int(d) for d in name.partition(":")[2].split("x")]
+    if len(dims) not in (2, 3) or dims[0] * dims[1] > 4:
+      raise
+    bounds = (*dims, 1) if len(dims) == 2 else tuple(dims)
+    return topologies.get_topology_desc(platform="tpu", topology_name=name, chips_per_host_bounds=bounds)
 
 
 def _error(e: BaseException) -> int:

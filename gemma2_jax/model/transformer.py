@@ -27,12 +27,16 @@ from flax import nnx
 from gemma2_jax.model.attention import attention
 from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.layers import (
+  adapter_delta,
   apply_rope,
   feed_forward,
+  plus,
   positions_from_segments,
+  project,
   rms_norm,
   soft_cap,
 )
+from gemma2_jax.model.quant import is_quantized
 from gemma2_jax.parallel.sharding import constrain
 
 PADDED_LOGIT = -1e9  # logit of embedding rows past num_real_tokens: zero probability, finite.
@@ -140,28 +144,31 @@ def to_layout(layers: dict, layout: dict) -> dict:
 
 def _block(cfg: ModelConfig, p: dict, x_BTD, positions_BT, attend, *, window: int | None,
            layout: dict = CHECKPOINT_LAYOUT):
-  """One decoder layer; p holds that layer's (unstacked) parameters in the compute dtype.
+  """One decoder layer; p holds that layer's (unstacked) parameters in the compute dtype (a LoRA
+  forward: projections may be Quantized, and p["lora"] holds the layer's adapters: model/lora.py).
 
   `attend(q_BTNH, k_BSKH, v_BSKH, window) -> (o_BTNH, aux)` is the only part that differs between
   training (attention within the rows) and cached decoding (attention over a KV cache, aux = the
   updated cache); q arrives rotated and pre-scaled, k rotated.
   """
   h_BTD = rms_norm(x_BTD, p["pre_attention_norm"]["scale"], cfg.rms_eps)
-  a = p["attn"]
-  q_BTNH = jnp.einsum(f"BTD,{layout['q']}->BTNH", h_BTD, a["q_einsum"])
-  kv_BSCKH = jnp.einsum(f"BSD,{layout['kv']}->BSCKH", h_BTD, a["kv_einsum"])
-  k_BSKH, v_BSKH = kv_BSCKH[:, :, 0], kv_BSCKH[:, :, 1]
+  a, lora = p["attn"], p.get("lora")  # lora: this layer's adapters (model/lora.py), if any
+  q_BTNH = plus(project(f"BTD,{layout['q']}->BTNH", h_BTD, a["q_einsum"]),
+                adapter_delta(lora, "q", h_BTD))
+  kv_BSCKH = project(f"BSD,{layout['kv']}->BSCKH", h_BTD, a["kv_einsum"])
+  k_BSKH = plus(kv_BSCKH[:, :, 0], adapter_delta(lora, "k", h_BTD))
+  v_BSKH = plus(kv_BSCKH[:, :, 1], adapter_delta(lora, "v", h_BTD))
   q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base) * jnp.asarray(cfg.query_scale,
                                                                           q_BTNH.dtype)
   k_BSKH = apply_rope(k_BSKH, positions_BT, cfg.rope_base)
   o_BTNH, aux = attend(q_BTNH, k_BSKH, v_BSKH, window)
   # One contracting axis (N*H): XLA:CPU would otherwise transpose the weight at every call.
   B, T, N, H = o_BTNH.shape
-  o_BTD = jnp.einsum("BTX,XD->BTD", o_BTNH.reshape(B, T, N * H),
-                     a["attn_vec_einsum"].reshape(N * H, -1))
+  o_BTD = plus(project("BTX,XD->BTD", o_BTNH.reshape(B, T, N * H), a["attn_vec_einsum"], (N * H, -1)),
+               adapter_delta(lora, "o", o_BTNH))
   x_BTD = x_BTD + rms_norm(o_BTD, p["post_attention_norm"]["scale"], cfg.rms_eps)
   h_BTD = rms_norm(x_BTD, p["pre_ffw_norm"]["scale"], cfg.rms_eps)
-  f_BTD = feed_forward(h_BTD, p["mlp"]["gating_einsum"], p["mlp"]["linear"], layout["gating"])
+  f_BTD = feed_forward(h_BTD, p["mlp"]["gating_einsum"], p["mlp"]["linear"], layout["gating"], lora)
   return x_BTD + rms_norm(f_BTD, p["post_ffw_norm"]["scale"], cfg.rms_eps), aux
 
 
@@ -173,6 +180,16 @@ def row_attention(cfg: ModelConfig, segment_ids_BT):
                      softcap=cfg.attn_softcap, impl=cfg.attention_impl,
                      block_size=cfg.attention_block_size), None
   return attend
+
+
+def to_compute_dtype(tree, dtype):
+  """Float weights in the compute dtype; Quantized weights (dequantized per use, see layers.project)
+  and integer leaves (dropout keys) as they are."""
+  def cast(w):
+    if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating):
+      return w
+    return w.astype(dtype)
+  return jax.tree.map(cast, tree, is_leaf=is_quantized)
 
 
 _REMAT_POLICIES = {
@@ -197,7 +214,7 @@ def decoder(cfg: ModelConfig, layers, x_BTD, positions_BT, attend, caches=None, 
 
   def pair(x_BTD, xs):
     pair_params, (local_cache, global_cache) = xs
-    pair_params = jax.tree.map(lambda w: w.astype(dtype), pair_params)
+    pair_params = to_compute_dtype(pair_params, dtype)
     if isinstance(pair_params, tuple):  # unrolled: (local, global) trees
       local, global_ = pair_params
     else:  # scanned: leaves [2, ...]

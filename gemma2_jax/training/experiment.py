@@ -19,6 +19,7 @@ from gemma2_jax.data.config import DataConfig
 from gemma2_jax.distill.config import DistillConfig, TeacherConfig
 from gemma2_jax.errors import UserError
 from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.lora import LoraConfig
 from gemma2_jax.parallel.sharding import (
   DEFAULT_RULES,
   MESH_AXES,
@@ -30,7 +31,7 @@ from gemma2_jax.parallel.sharding import (
 from gemma2_jax.training.optim import OptimizerConfig
 
 TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from", "checkpoint",
-             "teacher", "distill")
+             "teacher", "distill", "lora")
 
 
 class ConfigError(UserError):
@@ -82,6 +83,9 @@ class Experiment:
   teacher: TeacherConfig | None = None  # online distillation
   distill: DistillConfig | None = None  # set for online (teacher) or offline (offline_paths) distillation
   offline_paths: str = ""  # teacher top-k records written by `python -m gemma2_jax.teacher_logits`
+  # LoRA / QLoRA: the params in `model` are the frozen base (read from init_from at every start),
+  # the train state holds only the adapters (training/lora.py).
+  lora: LoraConfig | None = None
 
   @property
   def distill_mode(self) -> str:
@@ -254,10 +258,27 @@ def from_config(config, *, num_devices: int, num_slices: int = 1) -> Experiment:
   data_eval = _eval_sets(data.get("eval"), shape)
   if distill is not None and distill.onpolicy_lambda > 0:
     _check_onpolicy(distill, teacher, data_train, train)
+  init_from = str(c.get("init_from") or "")
+  lora = _lora_config(c.get("lora"), model, init_from)
   return Experiment(model=model, mesh=mesh, rules=rules, optimizer=optimizer, train=train,
                     data_train=data_train, data_eval=data_eval, tokenizer=str(data["tokenizer"]),
-                    init_from=str(c.get("init_from") or ""), checkpoint=ckpt, teacher=teacher,
-                    distill=distill, offline_paths=offline_paths)
+                    init_from=init_from, checkpoint=ckpt, teacher=teacher,
+                    distill=distill, offline_paths=offline_paths, lora=lora)
+
+
+def _lora_config(d: dict | None, model: ModelConfig, init_from: str) -> LoraConfig | None:
+  """The `lora` section (absent or None: full training); its checks against the model."""
+  if not d:
+    return None
+  lora = typed(LoraConfig, "lora", dict(d))
+  if not init_from:
+    raise ConfigError("lora is set but init_from is not: LoRA trains adapters on a frozen base model; "
+                      "point init_from at it (an HF, Kaggle or native checkpoint, or a training workdir)")
+  try:
+    lora.check_model(model)
+  except UserError as e:
+    raise ConfigError(str(e)) from None
+  return lora
 
 
 def _check_onpolicy(distill: DistillConfig, teacher, data_train: DataConfig, train: TrainConfig):
@@ -334,6 +355,17 @@ def distill_config(student: ModelConfig, teacher_checkpoint: str = "", **train):
   c.distill = ml_collections.ConfigDict(
     dataclass_defaults(DistillConfig), type_safe=False)
   c.distill.offline_paths = ""
+  return c
+
+
+def lora_config(model: ModelConfig, init_from: str, **train):
+  """base_config plus the lora section at its defaults (rank 16, alpha 32, every projection)."""
+  import ml_collections
+
+  c = base_config(model, **train)
+  c.init_from = init_from
+  c.lora = ml_collections.ConfigDict(dataclass_defaults(LoraConfig), type_safe=False)
+  c.lora.targets = list(c.lora.targets)
   return c
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 
 from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.lora import LoraConfig, adapter_shapes
 
 # Per chip, by `device.device_kind`: dense bf16 peak FLOP/s, HBM bandwidth and interconnect bandwidth
 # (all ICI links of a TPU chip / NVLink of a GPU), bytes/s, from the vendors' published figures.
@@ -65,13 +67,26 @@ class StepFlops:
     return (self.student + self.teacher) * slots + self.sample * generated
 
 
+def lora_train_flops_per_token(cfg: ModelConfig, seq_len: int, lora: LoraConfig) -> float:
+  """Forward + backward of a LoRA student: the frozen base's matmuls need only their input gradient
+  in the backward (1x their forward, not 2x: no weight gradient), attention its usual 2x, the
+  adapters (and a trained embedding's gradient) 2x; rematerialisation not counted."""
+  D, F, N, K, H = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  dense = cfg.num_layers * 2 * (N * D * H + 2 * K * D * H + N * H * D + 3 * D * F)
+  logits = 2 * D * cfg.vocab_size
+  adapters = 2 * sum(math.prod(s["a"]) + math.prod(s["b"]) for s in adapter_shapes(cfg, lora).values())
+  return (2 * dense + (3 if lora.train_embeddings else 2) * logits
+          + 3 * attention_flops_per_token(cfg, seq_len) + 3 * adapters)
+
+
 def step_flops(model: ModelConfig, seq_len: int, teacher: ModelConfig | None = None,
-               onpolicy: bool = False) -> StepFlops:
+               onpolicy: bool = False, lora: LoraConfig | None = None) -> StepFlops:
   """The StepFlops of training `model` on rows of seq_len (with an online `teacher`, on-policy
-  sampling); a generated token's forward is counted as one of a row's tokens (attention over the
-  mean causal context)."""
+  sampling, as a LoRA student); a generated token's forward is counted as one of a row's tokens
+  (attention over the mean causal context)."""
   forward = forward_flops_per_token(model, seq_len)
-  return StepFlops(student=3 * forward,
+  student = 3 * forward if lora is None else lora_train_flops_per_token(model, seq_len, lora)
+  return StepFlops(student=student,
                    teacher=forward_flops_per_token(teacher, seq_len) if teacher is not None else 0.0,
                    sample=forward if onpolicy else 0.0)
 

@@ -15,6 +15,7 @@ import jax
 
 from gemma2_jax.checkpoint.export import export_hf
 from gemma2_jax.training.flops import StepFlops
+from gemma2_jax.training.lora import export as lora_export
 from gemma2_jax.training.metrics import MetricsWriter
 from gemma2_jax.training.modes import ONPOLICY_SUMS
 
@@ -250,12 +251,17 @@ class Checkpointer:
 
 
 class HFExport:
-  """At the end of a finished run: the params as a Hugging Face checkpoint in workdir/hf_step{steps}."""
+  """At the end of a finished run: the params as a Hugging Face checkpoint in workdir/hf_step{steps}
+  (`lora_run`, a LoRA run's experiment: the merged weights, and the adapter as PEFT in
+  workdir/peft_step{steps}: training/lora.py)."""
 
-  def __init__(self, workdir, model_cfg, *, steps: int, enabled: bool):
+  def __init__(self, workdir, model_cfg, *, steps: int, enabled: bool, lora_run=None):
     self.workdir, self.model_cfg, self.steps, self.enabled = workdir, model_cfg, steps, enabled
+    self.lora_run = lora_run
 
   def __call__(self, params) -> dict:
     if not self.enabled:
       return {}
+    if self.lora_run is not None:
+      return lora_export(params, self.lora_run, self.workdir, self.steps)
     return {"hf_export": str(export_hf(params, self.model_cfg, self.workdir / f"hf_step{self.steps}"))}

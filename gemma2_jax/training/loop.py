@@ -22,7 +22,7 @@ from gemma2_jax.parallel.sharding import (
   data_group,
   make_mesh,
 )
-from gemma2_jax.training import flops, modes, programs
+from gemma2_jax.training import flops, lora, modes, programs
 from gemma2_jax.training.experiment import Experiment, dataclass_defaults, eval_metric_name
 from gemma2_jax.training.hooks import Checkpointer, Evaluator, HFExport, MetricsLogger, Profiler
 from gemma2_jax.training.state import TrainState, abstract_state, init_state, to_global
@@ -54,11 +54,11 @@ class Trainer:
       self.train_iter = self.mode.train_iterator(data_group(self.sh.batch, exp.train.global_batch))
     self.data_kw = dict(tokenizer_path=exp.tokenizer, vocab_size=exp.model.vocab_size,
                         num_real_tokens=exp.model.num_real_tokens)
-    with deadline("loading the teacher's weights", exp.teacher.checkpoint if exp.teacher else ""):
+    with deadline(*self.mode.loading()):  # the frozen inputs: the teacher, a LoRA run's base
       self.teacher_params = self.mode.load_teacher(self.mesh)
     self.eval_iters = {}  # eval set name -> its iterator, built at the first eval
     self.flops = flops.step_flops(exp.model, exp.train.seq_len, teacher=self.mode.teacher_cfg,
-                                  onpolicy=self.mode.sampling is not None)
+                                  onpolicy=self.mode.sampling is not None, lora=exp.lora)
     self.peak = flops.peak_flops_per_device(exp.train.peak_tflops_per_device * 1e12)
 
   def global_batch(self, host_batch: dict) -> dict:
@@ -119,6 +119,7 @@ class Trainer:
         raise checkpoint.CheckpointError(
           f"workdir {self.workdir} holds a run of a different model (model.{k}: "
           f"{theirs.get(k)!r} there, {mine['model'].get(k)!r} now); use a new --workdir")
+      lora.check_resume(self.workdir, saved, mine)
     else:
       self.workdir.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(mine, indent=2))
@@ -193,7 +194,8 @@ class Trainer:
                           enabled=bool(exp.data_eval))
     saver = Checkpointer(ckpt, self.train_iter, exp.to_json_dict(), save_every=exp.checkpoint.save_every,
                          steps=tcfg.steps, stop_requested=preempted, check_finite=self._check_finite)
-    export = HFExport(self.workdir, exp.model, steps=tcfg.steps, enabled=bool(exp.checkpoint.export_hf))
+    export = HFExport(self.workdir, exp.model, steps=tcfg.steps, enabled=bool(exp.checkpoint.export_hf),
+                      lora_run=exp if exp.lora else None)
     summary, late = {"start_step": start}, None
     dispatched = self._steps(state, start, profiler)
     for step, state, metrics in dispatched:
@@ -205,7 +207,7 @@ class Trainer:
         jax.block_until_ready(state)  # the step's own time stays in the step-time window
       if evaluator.due(step + 1):
         with logger.paused("eval"):  # the params of exactly step + 1 updates, labelled so
-          evaluator(step + 1, state.params)
+          evaluator(step + 1, self.model_params(state))
       with logger.paused("save"):
         preempted_now = saver(step + 1, state, metrics)
       if preempted_now:
@@ -217,8 +219,8 @@ class Trainer:
       saver.final(state)
     summary.update(logger.last)
     with logger.paused("eval"):
-      summary.update(evaluator.final(state.params))
-    summary.update(export(state.params))
+      summary.update(evaluator.final(self.model_params(state)))
+    summary.update(export(self.model_params(state)))
     summary.update(logger.times())
     return state, summary
 
@@ -231,6 +233,10 @@ class Trainer:
       state, metrics = self._dispatch(state, batch)
       profiler.after(step, state)
       yield step, state, metrics
+
+  def model_params(self, state):
+    """What evaluation and the export take: the params (a LoRA run's: with its frozen base)."""
+    return self.mode.model_params(state.params, self.teacher_params)
 
   def _dispatch(self, state, batch: dict):
     """One train step on a host batch, dispatched, not waited for: (new state, metrics on device)."""

@@ -4,8 +4,8 @@ its batch spec (`batch`), its data iterator (`train_iterator`), its extra inputs
 `load_teacher`: the frozen teacher), its loss (`objective`, whose sums METRIC_NAMES names) and, for
 on-policy distillation, the student's `sampling` inside the step.
 
-A new objective (say LoRA-only CE) is one more subclass here; the program builder
-(training/programs.py), the loop and `aot` take it as they are.
+A new objective is one more subclass here; the program builder (training/programs.py), the loop and
+`aot` take it as they are. `LoraMode` wraps any of them for a LoRA / QLoRA student.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from gemma2_jax.distill.config import distill_schedule
 from gemma2_jax.distill.teacher import load_teacher, teacher_runtime_config, teacher_shardings
 from gemma2_jax.inference.sampler import SamplingConfig
 from gemma2_jax.model.config import ModelConfig, get_preset
+from gemma2_jax.model.lora import effective_params, merged_params
 from gemma2_jax.model.losses import cross_entropy_sums, distill_sums, topk_distill_sums
 from gemma2_jax.model.transformer import forward_hidden, param_shapes
 from gemma2_jax.parallel.sharding import DataGroup, batch_sharding
+from gemma2_jax.training import lora
 from gemma2_jax.training.experiment import ConfigError, Experiment
 
 # The step's summed statistics -> the metric each is logged as (divided by the token weight). The one
@@ -117,11 +119,25 @@ class Mode:
     """The frozen teacher's params on `mesh` (None without one)."""
     return None
 
+  def loading(self) -> tuple[str, str]:
+    """(what load_teacher does, the path it reads): the storage deadline's words."""
+    t = self.exp.teacher
+    return "loading the teacher's weights", t.checkpoint if t else ""
+
   def objective(self, params, batch, teacher_params, step):
     """(scalar to differentiate, summed statistics) of one micro-batch."""
     t = self.exp.train
     sums = loss_sums(self.exp.model, params, batch, chunk=t.loss_chunk, z_loss=t.z_loss)
     return sums["nll"] + sums.get("z_loss", 0.0), sums
+
+  def model_params(self, params, inputs):
+    """What the eval step and the export take, from the train state's params and the step's frozen
+    inputs (`load_teacher`'s): the params themselves."""
+    return params
+
+  def sampling_params(self, params, inputs):
+    """The student's params as the sampler takes them (on-policy distillation, inside the step)."""
+    return params
 
 
 class _Distill(Mode):
@@ -210,6 +226,52 @@ class OfflineKD(_Distill):
     return sums["loss"] + sums.get("z_loss", 0.0), sums
 
 
+class LoraMode(Mode):
+  """Any mode above with a LoRA student (training/lora.py): the train state's params are the
+  trainable tree, the frozen base is loaded with the teacher and passed beside it to the step
+  ({"base", "teacher"}), and the inner mode's objective runs on the base with the adapters in.
+  The rest (batch, data, teacher, sampling, metric names) is the inner mode's."""
+
+  def __init__(self, exp: Experiment, inner: Mode):
+    super().__init__(exp)
+    self.inner = inner
+    self.name, self.teacher_cfg, self.sampling = inner.name, inner.teacher_cfg, inner.sampling
+
+  @property
+  def batch(self) -> BatchSpec:
+    return self.inner.batch
+
+  def train_iterator(self, group: DataGroup):
+    return self.inner.train_iterator(group)
+
+  def teacher_inputs(self, mesh):
+    teacher, teacher_sh = self.inner.teacher_inputs(mesh)
+    base_sh = lora.base_shardings(self.exp, mesh)
+    return ({"base": lora.abstract_base(self.exp, base_sh), "teacher": teacher},
+            {"base": base_sh, "teacher": teacher_sh})
+
+  def load_teacher(self, mesh):
+    return {"base": lora.load_base(self.exp, mesh), "teacher": self.inner.load_teacher(mesh)}
+
+  def loading(self) -> tuple[str, str]:
+    what, path = self.inner.loading()
+    return ("loading the LoRA base (init_from)" + (f" and {what.removeprefix('loading ')}" if path else ""),
+            ", ".join(p for p in (self.exp.init_from, path) if p))
+
+  def objective(self, params, batch, inputs, step):
+    exp = self.exp
+    effective = effective_params(exp.model, exp.lora, inputs["base"], params, lora.dropout_key(exp, step))
+    return self.inner.objective(effective, batch, inputs["teacher"], step)
+
+  def model_params(self, params, inputs):
+    return {"base": inputs["base"], "trainable": params}
+
+  def sampling_params(self, params, inputs):
+    # A dense merged copy (the sampler's decode layout transposes every weight anyway).
+    exp = self.exp
+    return merged_params(exp.model, exp.lora, inputs["base"], params, exp.model.dtype)
+
+
 def records_k(paths: str, k: int | None = None) -> int:
   """Top-k of the offline records at `paths`; `k` (aot: the records may not exist yet) when they are
   not readable here."""
@@ -243,7 +305,9 @@ def for_experiment(exp: Experiment, *, topk: int | None = None,
   """The mode an experiment trains in. `topk`: the offline records' k when they cannot be read;
   `stop_tokens`: on-policy samples' stop tokens when the tokenizer cannot be read."""
   if exp.distill_mode == "online":
-    return OnlineKD(exp, stop_tokens=stop_tokens)
-  if exp.distill_mode == "offline":
-    return OfflineKD(exp, topk)
-  return Mode(exp)
+    mode = OnlineKD(exp, stop_tokens=stop_tokens)
+  elif exp.distill_mode == "offline":
+    mode = OfflineKD(exp, topk)
+  else:
+    mode = Mode(exp)
+  return mode if exp.lora is None else LoraMode(exp, mode)

@@ -23,8 +23,8 @@ from gemma2_jax.distill.teacher import teacher_shardings
 from gemma2_jax.errors import UserError
 from gemma2_jax.inference.sampler import SamplingConfig, cache_sizes
 from gemma2_jax.model.config import get_preset
-from gemma2_jax.model.transformer import param_shapes
-from gemma2_jax.parallel.sharding import make_mesh, process_row_blocks
+from gemma2_jax.model.transformer import LOGICAL_AXES, param_shapes
+from gemma2_jax.parallel.sharding import logical_to_sharding, make_mesh, process_row_blocks
 from gemma2_jax.training import flops, modes, programs
 from gemma2_jax.training.experiment import ConfigError, Experiment
 from gemma2_jax.training.optim import make_optimizer
@@ -173,7 +173,9 @@ def flops_report(exp, traced, compiled, num_devices: int, teacher_cfg=None) -> l
     teacher = f"; the teacher's forward {teacher_fwd / 1e12:.1f}"
   return [
     f"train step FLOPs per chip: model {model / 1e12:.1f} TFLOP (the trainer's MFU count: the student's "
-    f"3 x forward, attention over visible keys {attention / 1e12:.1f}{teacher}; on-policy sampling "
+    + ("3 x forward" if exp.lora is None else "forward + backward with no weight gradient for its frozen "
+       "base (flops.lora_train_flops_per_token)")
+    + f", attention over visible keys {attention / 1e12:.1f}{teacher}; on-policy sampling "
     "counted at run time)",
     f"  traced {(outside + kernels) / 1e12:.1f} TFLOP = {outside / 1e12:.1f} XLA matmuls (backward and "
     f"remat recompute included, loops x trip count) + {kernels / 1e12:.1f} in Pallas kernels (every "
@@ -185,7 +187,7 @@ def flops_report(exp, traced, compiled, num_devices: int, teacher_cfg=None) -> l
 
 def model_flops_per_chip(exp, num_devices: int, teacher_cfg=None) -> float:
   """The model FLOPs of one train step per chip that the trainer's `mfu` counts (sampling aside)."""
-  step = flops.step_flops(exp.model, exp.train.seq_len, teacher=teacher_cfg)
+  step = flops.step_flops(exp.model, exp.train.seq_len, teacher=teacher_cfg, lora=exp.lora)
   return step.total(exp.train.global_batch * exp.train.seq_len) / num_devices
 
 
@@ -241,9 +243,13 @@ def host_plan(exp, devices) -> list[str]:
     return max(host_bytes(shapes, shardings, dtype, h) for h in hosts) / GiB
 
   if exp.init_from:
-    gib = most(param_shapes(exp.model), sh.state.params, exp.model.param_dtype)
-    lines.append(f"init_from: each host reads at most {gib:.2f} GiB ({exp.model.param_dtype}) of the "
-                 "checkpoint (its devices' slices)")
+    # A LoRA run reads the base (in lora.base_dtype, laid out like the model) into no train state.
+    read = sh.state.params if exp.lora is None else logical_to_sharding(LOGICAL_AXES, mesh, exp.rules)
+    dtype = exp.model.param_dtype if exp.lora is None else exp.lora.base_dtype
+    gib = most(param_shapes(exp.model), read, dtype)
+    lines.append(f"init_from: each host reads at most {gib:.2f} GiB ({dtype}) of the "
+                 "checkpoint (its devices' slices)" + (", at every (re)start: the frozen LoRA base"
+                                                       if exp.lora else ""))
   if exp.teacher is not None:
     tcfg = teacher_config(exp)
     gib = most(param_shapes(tcfg), teacher_shardings(exp.teacher, exp.rules, mesh), tcfg.param_dtype)

@@ -22,6 +22,7 @@ from gemma2_jax.distill.teacher import teacher_shardings
 from gemma2_jax.distill.topk import make_topk_fn
 from gemma2_jax.inference.sampler import Sampler, SamplingConfig, bucket_length
 from gemma2_jax.model.config import ModelConfig
+from gemma2_jax.model.lora import effective_params
 from gemma2_jax.model.transformer import LOGICAL_AXES, param_shapes
 from gemma2_jax.parallel.sharding import (
   activation_sharding,
@@ -31,6 +32,7 @@ from gemma2_jax.parallel.sharding import (
   logical_to_sharding,
   logical_to_spec,
 )
+from gemma2_jax.training import lora
 from gemma2_jax.training.experiment import Experiment
 from gemma2_jax.training.modes import EVAL_BATCH, Mode
 from gemma2_jax.training.optim import make_optimizer
@@ -106,10 +108,26 @@ def eval_program(model: ModelConfig, mesh: Mesh, rules, *, batch: int, seq_len: 
 
 def trainer_eval_program(exp: Experiment, mesh: Mesh) -> Program:
   """The trainer's periodic eval: the eval data's rows (every eval set has the train data's), in the
-  train step's micro-batches (its memory)."""
+  train step's micro-batches (its memory). A LoRA run's takes `LoraMode.model_params`: the frozen
+  base and the trainable tree, {"base", "trainable"}."""
   d = exp.data_train
-  return eval_program(exp.model, mesh, exp.rules, batch=d.global_batch, seq_len=d.seq_len,
-                      chunk=exp.train.loss_chunk, micro_batches=exp.train.grad_accum_steps)
+  if exp.lora is None:
+    return eval_program(exp.model, mesh, exp.rules, batch=d.global_batch, seq_len=d.seq_len,
+                        chunk=exp.train.loss_chunk, micro_batches=exp.train.grad_accum_steps)
+  step = make_eval_step(exp.model, chunk=exp.train.loss_chunk, micro_batches=exp.train.grad_accum_steps)
+
+  def lora_eval_step(params, batch):
+    return step(effective_params(exp.model, exp.lora, params["base"], params["trainable"]), batch)
+
+  base_sh = lora.base_shardings(exp, mesh)
+  params_sh = {"base": base_sh, "trainable": lora.trainable_shardings(exp, mesh)}
+  fn = jax.jit(lora_eval_step, in_shardings=(params_sh, batch_sharding(mesh, exp.rules)),
+               out_shardings=NamedSharding(mesh, PartitionSpec()))
+  trainable = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                           lora.abstract_trainable(exp), params_sh["trainable"])
+  args = ({"base": lora.abstract_base(exp, base_sh), "trainable": trainable},
+          EVAL_BATCH.abstract(d.global_batch, d.seq_len, mesh, exp.rules))
+  return Program(name="eval step", fn=fn, args=args, mesh=mesh, rules=exp.rules)
 
 
 @dataclasses.dataclass(frozen=True)

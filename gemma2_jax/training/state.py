@@ -12,13 +12,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma2_jax import checkpoint
-from gemma2_jax.model.config import ModelConfig
 from gemma2_jax.model.transformer import LOGICAL_AXES, init_params, param_shapes
 from gemma2_jax.parallel.sharding import (
   batch_sharding,
   host_to_global,
   logical_to_sharding,
 )
+from gemma2_jax.training import lora
 from gemma2_jax.training.experiment import Experiment
 
 
@@ -38,9 +38,14 @@ class Shardings:
 
 
 def state_shardings(exp: Experiment, mesh, tx) -> Shardings:
-  params = logical_to_sharding(LOGICAL_AXES, mesh, exp.rules)
+  """The train state's shardings: the params' (a LoRA run's: its trainable tree, training/lora.py)
+  and their optimizer state's."""
+  if exp.lora is not None:
+    params = lora.trainable_shardings(exp, mesh)
+  else:
+    params = logical_to_sharding(LOGICAL_AXES, mesh, exp.rules)
   replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_params = _abstract_params(exp.model)
+  abstract_params = _abstract_params(exp)
   opt_state = optax.tree_utils.tree_map_params(
     tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
     transform_non_params=lambda _: replicated)
@@ -49,7 +54,10 @@ def state_shardings(exp: Experiment, mesh, tx) -> Shardings:
                    batch=batch, replicated=replicated)
 
 
-def _abstract_params(model_cfg: ModelConfig):
+def _abstract_params(exp: Experiment):
+  if exp.lora is not None:
+    return lora.abstract_trainable(exp)
+  model_cfg = exp.model
   dtype = jnp.dtype(model_cfg.param_dtype)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(model_cfg),
                       is_leaf=lambda x: isinstance(x, tuple))
@@ -59,9 +67,12 @@ def init_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
   """Params and optimizer state are created directly in their shards (nothing on one device first).
 
   With `init_from`, the weights come from that checkpoint (HF / Kaggle / native) and the optimizer
-  starts fresh: continued pre-training.
+  starts fresh: continued pre-training. A LoRA run's params are its adapters (fresh, or
+  lora.init_adapter's); its base is the mode's frozen input, not state.
   """
-  if exp.init_from:
+  if exp.lora is not None:
+    params = lora.init_trainable(exp, sh.state.params)
+  elif exp.init_from:
     # Read with the run's model config (any tensor of another shape is an error naming it); each
     # process reads only the slices its devices hold.
     _, params = checkpoint.load_sharded(exp.init_from, exp.model.param_dtype, sh.state.params,
@@ -83,7 +94,7 @@ def to_global(batch: dict, sh: Shardings) -> dict:
 
 def abstract_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
   """The train state as shapes carrying their target shardings (restore / AOT compile)."""
-  params = _abstract_params(exp.model)
+  params = _abstract_params(exp)
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                       opt_state=jax.eval_shape(tx.init, params))
   return jax.tree.map(lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard),

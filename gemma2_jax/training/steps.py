@@ -38,7 +38,8 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
   gemma2_jax/distill/onpolicy.py), the student's sampling: the responses of the whole batch may first
   be replaced by the student's samples, all rows at once before the micro-batch loop (decoding reads
   the weights once per token for every row, not once per micro-batch; the KV cache holds all rows).
-  teacher_params is None except for online distillation; it is an argument (never optimizer state).
+  teacher_params (the mode's frozen inputs) is None except for online distillation and LoRA (the
+  frozen base); it is an argument (never optimizer state).
   """
   k = exp.train.grad_accum_steps
   objective, sampling = mode.objective, mode.sampling
@@ -47,7 +48,7 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
   def train_step(state: TrainState, batch: dict, teacher_params=None):
     gen = {}
     if lam:
-      batch, gen = sample_responses(state, batch)
+      batch, gen = sample_responses(state, batch, teacher_params)
 
     def grads_and_sums(micro_batch):
       (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch,
@@ -84,7 +85,7 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
         jnp.asarray(v, jnp.float32) for v in distill_schedule(exp.distill, state.step))
     return new, metrics
 
-  def sample_responses(state: TrainState, batch: dict):
+  def sample_responses(state: TrainState, batch: dict, inputs):
     """With probability lam this step, every row's response replaced by the student's sample (row
     r's key: the step's row key folded with r); (batch, generation sums)."""
     coin_key, row_key = onpolicy.step_keys(exp.train.seed, state.step)
@@ -94,7 +95,8 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
     gen = {"rows": jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=1).astype(jnp.float32))}
 
     def sample(b):
-      return onpolicy.onpolicy_batch(exp.model, state.params, b, keys_B, sampling)
+      return onpolicy.onpolicy_batch(exp.model, mode.sampling_params(state.params, inputs), b, keys_B,
+                                     sampling)
 
     def keep(b):
       return b, {"gen_rows": jnp.zeros(()), "gen_tokens": jnp.zeros(())}
