@@ -95,6 +95,7 @@ def _worker():
   print(json.dumps({"process": jax.process_index(), "saved": ckpt.saved}), flush=True)
 
 
+@pytest.mark.slow  # two processes; the storage-stall and multiprocess tests keep one per class
 def test_timed_save_decision_is_the_same_on_every_process():
   results = multiprocess.run([sys.executable, "-m", "tests.test_checkpoint_ops"], num_processes=2,
                              cli=False, timeout=120)

@@ -216,7 +216,7 @@ def _needed_rows(cfg, mesh: dict, name: str, shape: tuple, pid: int) -> tuple[in
   return pid * half, min(rows, (pid + 1) * half)
 
 
-@pytest.mark.parametrize("mesh", [{"fsdp": 2}, {"tensor": 2}])
+@pytest.mark.parametrize("mesh", [{"fsdp": 2}, pytest.param({"tensor": 2}, marks=pytest.mark.slow)])
 def test_two_processes_read_only_their_rows(hf_ckpt, gcs, mesh):
   local, remote, layout = hf_ckpt
   cfg = _cfg()
