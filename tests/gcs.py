@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import http.client
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -125,3 +128,74 @@ def gcs_emulator(tmp_path_factory) -> GCS:
 
   fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
   return GCS(url=url, bucket=BUCKET, env=env)
+
+
+class _Forward(BaseHTTPRequestHandler):
+  protocol_version = "HTTP/1.1"
+
+  def setup(self):
+    super().setup()
+    self._upstream = http.client.HTTPConnection(*self.server.upstream, timeout=30)
+
+  def _forward(self):
+    n = int(self.headers.get("Content-Length") or 0)
+    body = self.rfile.read(n) if n else None
+    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+    self._upstream.request(self.command, self.path, body, headers)
+    resp = self._upstream.getresponse()
+    data = resp.read()
+    with self.server.lock:
+      self.server.log.append((self.command, self.path, self.headers.get("Range"), len(data)))
+    self.send_response(resp.status)
+    for k, v in resp.getheaders():
+      if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+        self.send_header(k, v)
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    if self.command != "HEAD":
+      try:
+        self.wfile.write(data)
+      except BrokenPipeError:  # gcsfs may drop a whole-object read (config.json) it has enough of
+        pass
+
+  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
+
+  def log_message(self, *args):
+    pass
+
+
+class CountingProxy:
+  """An HTTP proxy in front of the emulator that records every request: `log` holds (method, path,
+  Range header, response bytes). Point a client at `url` (STORAGE_EMULATOR_HOST for gcsfs)."""
+
+  def __init__(self, upstream_url: str):
+    u = urllib.parse.urlparse(upstream_url)
+    self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Forward)
+    self.server.daemon_threads = True
+    self.server.upstream, self.server.lock, self.server.log = (u.hostname, u.port), threading.Lock(), []
+    self.log = self.server.log
+    self.url = f"http://127.0.0.1:{self.server.server_port}"
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def media_reads(self, *, whole: tuple[str, ...] = (),
+                  read_only: bool = False) -> list[tuple[str, int, int]]:
+    """(object, start, stop) of every object read; a read without a Range fails the test, except of
+    objects whose names end with one of `whole` (skipped). `read_only`: any request that writes an
+    object fails the test too."""
+    out = []
+    for method, path, rng, nbytes in self.log:
+      if method != "GET" or "alt=media" not in path:
+        assert not read_only or "/o/" not in path or method == "GET", (method, path)  # metadata only
+        continue
+      name = urllib.parse.unquote(path.split("/o/")[1].split("?")[0])
+      if whole and name.endswith(whole):
+        continue
+      assert rng is not None, f"a whole-object GET: {path}"
+      a, b = (int(x) for x in rng.removeprefix("bytes=").split("-"))
+      assert nbytes == b + 1 - a, (path, rng, nbytes)
+      out.append((name, a, b + 1))
+    return out
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()

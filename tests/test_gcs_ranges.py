@@ -6,89 +6,19 @@ columns are not one byte range)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import sys
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from tests import multiprocess
-from tests.gcs import gcs_emulator  # noqa: F401  (the `gcs` fixture)
+from tests.gcs import CountingProxy, gcs_emulator  # noqa: F401  (the `gcs` fixture)
 
 # Small but every tensor kind present; 8 stored vocab rows fewer than the model's (HF padding).
 CFG_KW = dict(vocab_size=256, num_real_tokens=248, num_layers=2, d_model=128, num_heads=4,
               num_kv_heads=2, head_dim=32, ffn_dim=192, query_pre_attn_scalar=32)
-
-
-# --- a counting proxy in front of the emulator -----------------------------------------------------
-
-
-class _Forward(BaseHTTPRequestHandler):
-  protocol_version = "HTTP/1.1"
-
-  def setup(self):
-    super().setup()
-    self._upstream = http.client.HTTPConnection(*self.server.upstream, timeout=30)
-
-  def _forward(self):
-    n = int(self.headers.get("Content-Length") or 0)
-    body = self.rfile.read(n) if n else None
-    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-    self._upstream.request(self.command, self.path, body, headers)
-    resp = self._upstream.getresponse()
-    data = resp.read()
-    with self.server.lock:
-      self.server.log.append((self.command, self.path, self.headers.get("Range"), len(data)))
-    self.send_response(resp.status)
-    for k, v in resp.getheaders():
-      if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-        self.send_header(k, v)
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    if self.command != "HEAD":
-      try:
-        self.wfile.write(data)
-      except BrokenPipeError:  # gcsfs may drop a whole-object read (config.json) it has enough of
-        pass
-
-  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
-
-  def log_message(self, *args):
-    pass
-
-
-class Proxy:
-  def __init__(self, upstream_url: str):
-    u = urllib.parse.urlparse(upstream_url)
-    self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Forward)
-    self.server.daemon_threads = True
-    self.server.upstream, self.server.lock, self.server.log = (u.hostname, u.port), threading.Lock(), []
-    self.url = f"http://127.0.0.1:{self.server.server_port}"
-    threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-  def media_reads(self) -> list[tuple[str, int, int]]:
-    """(object, start, stop) of every object read; a whole-object read fails the test."""
-    out = []
-    for method, path, rng, nbytes in self.server.log:
-      if method != "GET" or "alt=media" not in path:
-        continue
-      name = urllib.parse.unquote(path.split("/o/")[1].split("?")[0])
-      if name.endswith(".json"):  # config.json / the index: read whole, as they are small
-        continue
-      assert rng is not None, f"a whole-object GET: {path}"
-      a, b = (int(x) for x in rng.removeprefix("bytes=").split("-"))
-      assert nbytes == b + 1 - a, (path, rng, nbytes)
-      out.append((name, a, b + 1))
-    return out
-
-  def close(self):
-    self.server.shutdown()
-    self.server.server_close()
 
 
 def _cfg():
@@ -147,24 +77,24 @@ def hf_ckpt(tmp_path_factory, gcs):
 def test_remote_tensor_reads_only_the_rows_asked_for(hf_ckpt, gcs, monkeypatch):
   from gemma2_jax.checkpoint.safetensors_io import RemoteTensor, SafetensorsReader
   local, remote, layout = hf_ckpt
-  proxy = Proxy(gcs.url)
+  proxy = CountingProxy(gcs.url)
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
   try:
     reader, want = SafetensorsReader(remote), SafetensorsReader(local)
-    del proxy.server.log[:]
+    del proxy.log[:]
     name = "model.layers.0.mlp.down_proj.weight"  # (d_model, ffn) fp32
     view = reader.view(name)
     assert isinstance(view, RemoteTensor) and view.shape == want.shape(name)
-    assert not proxy.media_reads()  # opening reads nothing
+    assert not proxy.media_reads(whole=(".json",))  # opening reads nothing
     np.testing.assert_array_equal(view[3:7], want.get(name)[3:7])
     np.testing.assert_array_equal(view[5, 2:4], want.get(name)[5, 2:4])
     window = view.window([(10, 12), (11, 20), (40, 41)])
     np.testing.assert_array_equal(window[10:20], want.get(name)[10:20])
     np.testing.assert_array_equal(window[40], want.get(name)[40])
-    (obj, _), = {(n, 0) for n, _, _ in proxy.media_reads()}
+    (obj, _), = {(n, 0) for n, _, _ in proxy.media_reads(whole=(".json",))}
     start = layout[obj][name][1]
     row = view.row_bytes
-    assert [(a - start, b - start) for _, a, b in proxy.media_reads()] == [
+    assert [(a - start, b - start) for _, a, b in proxy.media_reads(whole=(".json",))] == [
       (3 * row, 7 * row), (5 * row, 6 * row), (10 * row, 20 * row), (40 * row, 41 * row)]
   finally:
     proxy.close()
@@ -220,12 +150,12 @@ def _needed_rows(cfg, mesh: dict, name: str, shape: tuple, pid: int) -> tuple[in
 def test_two_processes_read_only_their_rows(hf_ckpt, gcs, mesh):
   local, remote, layout = hf_ckpt
   cfg = _cfg()
-  proxies = [Proxy(gcs.url), Proxy(gcs.url)]
+  proxies = [CountingProxy(gcs.url), CountingProxy(gcs.url)]
   try:
     cmd = [sys.executable, "-m", "tests.test_gcs_ranges", remote, str(local),
            json.dumps(cfg.to_dict()), json.dumps(mesh), json.dumps([p.url for p in proxies])]
     results = multiprocess.run(cmd, num_processes=2, cli=False, timeout=300, extra_env=gcs.env)
-    reads = [p.media_reads() for p in proxies]
+    reads = [p.media_reads(whole=(".json",)) for p in proxies]
   finally:
     for p in proxies:
       p.close()

@@ -11,13 +11,9 @@ goes through the same code (open_source -> RemoteLinesSource, _ShardedEpochChunk
 from __future__ import annotations
 
 import collections
-import http.client
 import json
 import pathlib
 import random
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -32,7 +28,7 @@ from gemma2_jax.data import (
   make_train_iterator,
   sources,
 )
-from tests.gcs import gcs_emulator  # noqa: F401  (the `gcs` fixture)
+from tests.gcs import CountingProxy, gcs_emulator  # noqa: F401  (the `gcs` fixture)
 
 DATA = pathlib.Path(__file__).parent / "data"
 TOK = str(DATA / "ko_sp1024.model")
@@ -40,70 +36,14 @@ KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "target_by
 BLOCK = 4096  # remote_read_block_bytes in these tests: the index scan reads at most this past a range
 
 
-# --- a counting proxy in front of the emulator -----------------------------------------------------
-
-
-class _Forward(BaseHTTPRequestHandler):
-  protocol_version = "HTTP/1.1"
-
-  def setup(self):
-    super().setup()
-    self._upstream = http.client.HTTPConnection(*self.server.upstream, timeout=30)
-
-  def _forward(self):
-    n = int(self.headers.get("Content-Length") or 0)
-    body = self.rfile.read(n) if n else None
-    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-    self._upstream.request(self.command, self.path, body, headers)
-    resp = self._upstream.getresponse()
-    data = resp.read()
-    with self.server.lock:
-      self.server.log.append((self.command, self.path, self.headers.get("Range"), len(data)))
-    self.send_response(resp.status)
-    for k, v in resp.getheaders():
-      if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-        self.send_header(k, v)
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    if self.command != "HEAD":
-      self.wfile.write(data)
-
-  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
-
-  def log_message(self, *args):
-    pass
-
-
 @pytest.fixture
 def proxy(gcs, monkeypatch):
-  """Routes this process's gcsfs requests through a proxy; `.log` lists (method, path, Range,
-  response bytes)."""
-  u = urllib.parse.urlparse(gcs.url)
-  server = ThreadingHTTPServer(("127.0.0.1", 0), _Forward)
-  server.daemon_threads = True
-  server.upstream, server.lock, server.log = (u.hostname, u.port), threading.Lock(), []
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
+  """Routes this process's gcsfs requests through a CountingProxy."""
+  proxy = CountingProxy(gcs.url)
   # gcsfs reads the variable at each request: cached filesystems follow it too.
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
-  yield server
-  server.shutdown()
-  server.server_close()
-
-
-def _media_reads(log, bucket: str) -> list[tuple[str, int, int]]:
-  """(object, start, stop) of each object read in `log`; a read without a Range fails the test."""
-  out = []
-  for method, path, rng, nbytes in log:
-    if method != "GET" or "alt=media" not in path:
-      assert "/o/" not in path or method == "GET", (method, path)  # metadata / listing only
-      continue
-    assert rng is not None, f"a whole-object GET: {path}"
-    name = urllib.parse.unquote(path.split("/o/")[1].split("?")[0])
-    a, b = (int(x) for x in rng.removeprefix("bytes=").split("-"))
-    assert nbytes == b + 1 - a, (path, rng, nbytes)
-    out.append((name, a, b + 1))
-  return out
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+  yield proxy
+  proxy.close()
 
 
 # --- the corpus --------------------------------------------------------------------------------------
@@ -185,10 +125,10 @@ def test_two_data_groups_read_every_document_once_and_only_their_bytes(gcs, prox
     del proxy.log[:]
     it = make_train_iterator(_cfg(gcs.path("remote_shards/*.jsonl"), num_epochs=1, global_batch=2),
                              process_index=shard, process_count=2, tokenizer_path=TOK)
-    index_reads = _media_reads(proxy.log, gcs.bucket)
+    index_reads = proxy.media_reads(read_only=True)
     del proxy.log[:]
     got = _documents(list(it), tok)
-    doc_reads = _media_reads(proxy.log, gcs.bucket)
+    doc_reads = proxy.media_reads(read_only=True)
 
     # The group holds exactly the documents whose lines start in its byte range.
     want = [json.loads(blobs[f][a:b])["text"] for f, a, b in lines]
@@ -224,7 +164,7 @@ def test_two_data_groups_read_every_document_once_and_only_their_bytes(gcs, prox
   got = _documents(list(it), tok)
   ranges, lines = _shard_lines(blobs, 1, 2)
   assert got == [json.loads(blobs[f][a:b])["text"] for f, a, b in lines]
-  doc_reads = _media_reads(proxy.log, gcs.bucket)
+  doc_reads = proxy.media_reads(read_only=True)
   chunks = -(-len(lines) // 16)  # a chunk (tokenize_batch documents) is one batched read
   blocks = -(-sum(b - a for _, a, b in lines) // BLOCK)
   assert len(doc_reads) <= chunks + blocks + len(ranges) < len(lines) / 3
@@ -272,7 +212,7 @@ def test_parquet_data_groups_read_only_their_row_groups(gcs, proxy, tmp_path):
     assert src.presharded and 0 < len(src) < 160
     got = src.__getitems__(list(range(len(src))))
     seen.update(got)
-    reads = _media_reads(proxy.log, gcs.bucket)
+    reads = proxy.media_reads(read_only=True)
     # footers (the last bytes of a file) and the "text" chunks of the group's own row groups only
     lo, hi = total * shard // 2, total * (shard + 1) // 2
     for name, a, b in reads:
