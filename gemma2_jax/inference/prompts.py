@@ -23,8 +23,9 @@ def default_tokenizer(checkpoint: str) -> str:
   path = epath.Path(checkpoint)
   if (path / "tokenizer.model").exists():
     return os.fspath(path / "tokenizer.model")
-  if workdir.is_workdir(path) and workdir.run_config(path).get("tokenizer"):
-    return workdir.run_config(path)["tokenizer"]
+  tok = workdir.run_config(path).get("tokenizer") if workdir.is_workdir(path) else None
+  if tok:
+    return tok
   raise SampleError(f"no tokenizer: {checkpoint} has no tokenizer.model; pass --tokenizer PATH")
 
 
