@@ -273,9 +273,7 @@ def check_batch(rows: int, mesh_shape: Mapping[str, int], rules, what: str) -> i
   """The number of batch shards of a mesh of `mesh_shape` (a Mesh's `.shape`, or the sizes of
   `resolve_mesh_shape`) under `rules`; a MeshError naming `what` unless `rows` splits evenly over
   them. Every command checks its batch against its mesh here, before anything is compiled."""
-  axes = logical_to_spec(("batch",), rules)[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  shards = math.prod(mesh_shape[a] for a in axes)
+  shards = _ways(logical_to_spec(("batch",), rules)[0], mesh_shape)
   if rows % shards:
     raise MeshError(f"{what} of {rows} rows is not divisible by the {shards} batch shards of the "
                     f"mesh ({_mesh_str(mesh_shape)}): use a multiple of {shards}, or another mesh")
@@ -284,6 +282,10 @@ def check_batch(rows: int, mesh_shape: Mapping[str, int], rules, what: str) -> i
 
 def batch_shards(sharding: NamedSharding) -> int:
   """How many ways `sharding` splits the batch (leading) dimension."""
-  axes = sharding.spec[0] if len(sharding.spec) else None
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(sharding.mesh.shape[a] for a in axes)
+  return _ways(sharding.spec[0] if len(sharding.spec) else None, sharding.mesh.shape)
+
+
+def _ways(entry, mesh_shape: Mapping[str, int]) -> int:
+  """How many ways a PartitionSpec entry (an axis name, a tuple of them, or None) splits its dim."""
+  axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return math.prod(mesh_shape[a] for a in axes)
