@@ -73,5 +73,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int):
   return tx, schedule
 
 
+def apply_updates(cfg: OptimizerConfig, params, updates, step: jax.Array):
+  """params + updates, in the params' dtype: the one place the train step applies an update."""
+  del cfg, step
+  return optax.apply_updates(params, updates)
+
+
 def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

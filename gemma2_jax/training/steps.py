@@ -6,13 +6,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gemma2_jax.distill import onpolicy
 from gemma2_jax.distill.config import distill_schedule
 from gemma2_jax.training.experiment import Experiment
 from gemma2_jax.training.modes import METRIC_NAMES, ONPOLICY_SUMS, Mode, loss_sums
-from gemma2_jax.training.optim import global_norm
+from gemma2_jax.training.optim import apply_updates, global_norm
 from gemma2_jax.training.state import TrainState
 
 
@@ -60,8 +59,8 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)  # token-weighted mean over the whole batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                     opt_state=opt_state)
+    params = apply_updates(exp.optimizer, state.params, updates, state.step)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     loss = sums.get("loss", sums["nll"]) / weight
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
