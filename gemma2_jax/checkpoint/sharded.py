@@ -70,8 +70,13 @@ def from_blocks(cfg: ModelConfig, slots: list[Slot], open_tensor: Callable[[str]
   dtype = np.dtype(dtype)
   sh = leaf_shardings(cfg, shardings)
   shapes = _shape_tree(cfg)
-  return _nest(cfg, {path: _block_array(shapes[path], sh[path], dtype, leaf, open_tensor)
-                     for path, leaf in by_leaf(slots).items()})
+  out = {}
+  for path, leaf in by_leaf(slots).items():
+    if _exchange(shapes[path], sh[path], leaf, open_tensor):
+      out[path] = _exchanged_array(shapes[path], sh[path], dtype, leaf, open_tensor)
+    else:
+      out[path] = _block_array(shapes[path], sh[path], dtype, leaf, open_tensor)
+  return _nest(cfg, out)
 
 
 def stored_rows(slot: Slot, stored_shape: tuple[int, ...], block: tuple[slice, ...]) -> tuple[int, int]:
@@ -137,6 +142,65 @@ def _block_array(shape: tuple[int, ...], sharding, dtype: np.dtype, slots: list[
                                       dtype=dtype)
 
 
+# Read each stored row once over all processes (then exchange on device) when the processes' own
+# blocks would read more than this many times the tensor between them.
+EXCHANGE_ABOVE = 1.25
+
+
+def _exchange(shape: tuple[int, ...], sharding, slots: list[Slot], open_tensor) -> bool:
+  """Whether a remote leaf is read by rows split over all devices and re-laid out on device.
+
+  Row-major files give a block of columns (an FSDP split of HF's `in` axis, the embedding's d_model)
+  or a replicated leaf only by reading every row, so each process would fetch the whole tensor:
+  process_count x the checkpoint from the bucket. Instead every device reads its 1/n of the stored
+  rows and one jitted re-layout (an all-to-all on the interconnect) builds the leaf's blocks. Decided
+  from the global device map (the same on every process: the re-layout is a collective program).
+  """
+  if jax.process_count() == 1 or not isinstance(sharding, NamedSharding):
+    return False
+  first = open_tensor(slots[0].key)
+  if not isinstance(first, RemoteTensor) or not first.shape:
+    return False
+  n = sharding.mesh.size
+  if any(open_tensor(slot.key).shape[0] % n for slot in slots):
+    return False  # rows not divisible over the devices: blocks as they come
+  slot, rows = slots[0], first.shape[0]
+  spans: dict[int, list[tuple[int, int]]] = {}
+  for device, index in sharding.devices_indices_map(shape).items():
+    bounds = _bounds(index, shape)
+    k = len(slot.index)
+    if all(a <= i < b for i, (a, b) in zip(slot.index, bounds[:k], strict=True)):
+      block = tuple(slice(a, b) for a, b in bounds[k:])
+      spans.setdefault(device.process_index, []).append(stored_rows(slot, first.shape, block))
+  return sum(_covered(s) for s in spans.values()) > EXCHANGE_ABOVE * rows
+
+
+def _covered(spans: list[tuple[int, int]]) -> int:
+  """Rows in the union of [lo, hi) spans."""
+  total, end = 0, 0
+  for lo, hi in sorted(spans):
+    lo = max(lo, end)
+    if hi > lo:
+      total, end = total + hi - lo, hi
+  return total
+
+
+def _exchanged_array(shape: tuple[int, ...], sharding: NamedSharding, dtype: np.dtype,
+                     slots: list[Slot], open_tensor) -> jax.Array:
+  """The leaf from its stored tensors read as row blocks split over every device of the mesh (each
+  process fetches only its devices' rows), stacked / transposed / padded by one jitted function
+  laid out on `sharding` (as `from_restored`)."""
+  rows = NamedSharding(sharding.mesh, PartitionSpec(sharding.mesh.axis_names))
+  inputs = []
+  for slot in slots:
+    value = open_tensor(slot.key)
+    inputs.append(jax.make_array_from_callback(
+      value.shape, rows, lambda index, value=value: value.rows(*index[0].indices(value.shape[0])[:2]),
+      dtype=value.dtype))
+  build = functools.partial(_assemble, tuple(slots), shape, dtype)
+  return jax.jit(build, out_shardings=sharding)(inputs)
+
+
 # --- sources restored by Orbax, tensor by tensor (Kaggle) ------------------------------------------
 
 def stored_sharding(slot: Slot, sharding: NamedSharding) -> NamedSharding:
@@ -183,6 +247,8 @@ def from_restored(cfg: ModelConfig, slots: list[Slot], values: dict[str, jax.Arr
 def _assemble(slots: tuple[Slot, ...], shape: tuple[int, ...], dtype: np.dtype, values: list):
   out = jnp.zeros(shape, dtype)
   for slot, value in zip(slots, values, strict=True):
+    if slot.pad:  # already padded (Orbax restores it so) or padded here with zero rows
+      value = jnp.pad(value, [(0, slot.shape[0] - value.shape[0])] + [(0, 0)] * (value.ndim - 1))
     value = (value if slot.pad else slot.entry.to_native(value)).astype(dtype)
     out = out.at[slot.index].set(value) if slot.index else value
   return out
