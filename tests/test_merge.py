@@ -148,7 +148,7 @@ models:
 DETERMINISTIC = [name for name in CONFIGS if not name.startswith("dare")]
 
 MERGEKIT = """
-import sys, yaml
+import os, sys, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
@@ -156,7 +156,8 @@ for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
   with open(config) as f:
     merge_config = MergeConfiguration.model_validate(yaml.safe_load(f))
   run_merge(merge_config, out, MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
-                                            random_seed=0))
+                                            random_seed=0,
+                                            lora_merge_cache=os.environ.get("LORA_MERGE_CACHE")))
 """
 
 
@@ -441,3 +442,68 @@ def test_cli_bad_input(case, models, tmp_path, capsys):
                                  "bad_yaml": "not valid YAML"}[case])
   assert case != "bad_yaml" or "line 3" in line
   assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yml"]
+
+
+@pytest.fixture(scope="module")
+def adapter(models, tmp_path_factory):
+  """A PEFT LoRA adapter of model `a` (random non-zero A and B on every projection, and a
+  modules_to_save final norm), saved by peft."""
+  import torch
+  from peft import LoraConfig, get_peft_model
+
+  from tests.hf_utils import random_hf_model
+
+  torch.manual_seed(0)
+  model = get_peft_model(random_hf_model(CFG, seed=1), LoraConfig(
+    r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                       "down_proj"], modules_to_save=["norm"], init_lora_weights=False))
+  with torch.no_grad():  # a trained norm, not a copy of the base's
+    for name, p in model.named_parameters():
+      if "modules_to_save" in name:
+        p.add_(0.5)
+  path = tmp_path_factory.mktemp("adapter") / "lora"
+  model.save_pretrained(path)
+  return path
+
+
+LORA_YAML = """dtype: float32
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {a}+{adapter}
+    parameters: {{weight: 0.7}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+"""
+
+
+def test_lora_input_matches_mergekit(models, adapter, tmp_path):
+  """mergekit's MODEL+ADAPTER input (peft's merge_and_unload of the adapter into the model, then
+  merged): the same YAML gives the same tensors, the adapter merged as each tensor is read."""
+  if not HAS_MERGEKIT:
+    pytest.skip(NO_MERGEKIT)
+  text = LORA_YAML.format(**{k: str(v) for k, v in models.items()}, adapter=adapter)
+  (tmp_path / "lora.yml").write_text(text)
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             LORA_MERGE_CACHE=str(tmp_path / "cache"))
+  proc = subprocess.run([sys.executable, "-c", MERGEKIT, str(tmp_path / "lora.yml"), str(tmp_path / "mk")],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  theirs = tensors(tmp_path / "mk")
+  merge(parse_config(text), tmp_path / "ours", chunk_elements=96)
+  got = tensors(tmp_path / "ours")
+  assert sorted(got) == sorted(theirs)
+  base, a = tensors(models["base"]), tensors(models["a"])
+  moved = [k for k in theirs if not np.allclose(theirs[k], base[k] + 0.7 * (a[k] - base[k])
+                                                + 0.5 * (tensors(models["b"])[k] - base[k]), atol=1e-6)]
+  assert "model.norm.weight" in moved and any("q_proj" in k for k in moved)  # the adapter counted
+  for key, want in theirs.items():
+    err = float(np.abs(got[key] - want).max() / np.abs(want).max())
+    assert err <= 1e-6, f"{key}: max |ours - mergekit| = {err:.2e} x max |mergekit|"
+
+
+def test_a_lora_reference_without_an_adapter_is_one_error(models, tmp_path):
+  text = LORA_YAML.format(**{k: str(v) for k, v in models.items()}, adapter=tmp_path / "nothing")
+  with pytest.raises(MergeError, match=r"neither a checkpoint nor MODEL\+ADAPTER"):
+    merge(parse_config(text), tmp_path / "out")
+  assert not (tmp_path / "out").exists()

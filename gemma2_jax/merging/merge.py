@@ -22,7 +22,7 @@ from gemma2_jax import paths
 from gemma2_jax.checkpoint.convert import convert
 from gemma2_jax.merging import kernels
 from gemma2_jax.merging.config import MergeConfig, MergeError, layer_position, load_config, resolve
-from gemma2_jax.merging.sources import check_same_model, hf_specs, open_source
+from gemma2_jax.merging.sources import check_same_model, hf_specs, open_source, split_lora
 from gemma2_jax.merging.writer import HFWriter
 
 # What mergekit copies from the tokenizer's donor model.
@@ -154,7 +154,7 @@ def _tokenizer_donor(cfg: MergeConfig) -> epath.Path | None:
   else the first model's (mergekit's choice)."""
   tok = cfg.tokenizer_source
   if tok is None or tok == "base":
-    return paths.as_path(cfg.inputs[cfg.base if cfg.base is not None else 0].path)
+    return paths.as_path(split_lora(cfg.inputs[cfg.base if cfg.base is not None else 0].path)[0])
   donor = paths.as_path(tok)
   if not donor.is_dir():
     raise MergeError(f"{cfg.source}: tokenizer_source {tok} is not a directory")

@@ -22,11 +22,12 @@ import numpy as np
 from etils import epath
 
 from gemma2_jax import checkpoint, paths
-from gemma2_jax.checkpoint import hf, kaggle, native, orbax_io, workdir
+from gemma2_jax.checkpoint import hf, kaggle, native, orbax_io, peft, workdir
 from gemma2_jax.checkpoint.errors import CheckpointError
 from gemma2_jax.checkpoint.mapping import Entry, export_tensors, plan
 from gemma2_jax.checkpoint.safetensors_io import SafetensorsReader
 from gemma2_jax.merging.config import MergeError
+from gemma2_jax.model import lora
 from gemma2_jax.model.config import ModelConfig
 
 # Fields that may differ between merged models: how a run computes, not what the model is.
@@ -256,8 +257,62 @@ def _flatten(tree, prefix=()) -> dict[str, tuple[tuple, object]]:
   return {"/".join(prefix): (prefix, tree)}
 
 
+class LoraSource(Source):
+  """A model with a PEFT LoRA adapter merged in as its tensors are read (mergekit's `model+adapter`):
+  HF tensor `model.layers.{i}.{module}.weight` gains scale * B[r0:r1] @ A, B [out, r] and A [r, in]
+  as PEFT stores them (in float32); the adapter's modules_to_save weights replace the model's. The
+  merged model is never written out nor held whole."""
+
+  fmt = "lora"
+
+  def __init__(self, model: Source, adapter_path: str):
+    super().__init__(f"{model.path}+{adapter_path}", model.cfg, model.stored)
+    self.model = model
+    try:
+      adapter = peft.load_adapter(adapter_path, model.cfg)
+    except CheckpointError as e:
+      raise MergeError(f"{e} (the adapter of {self.path})") from None
+    self.deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # HF name -> (scale * B, A)
+    for name, ad in adapter.adapters.items():
+      r = adapter.rank
+      for i in range(model.cfg.num_layers):
+        a, b = ad["a"][i].reshape(-1, r).T, ad["b"][i].reshape(r, -1).T
+        if np.any(a) and np.any(b):  # layers the file leaves out hold zeros
+          self.deltas[f"model.layers.{i}.{lora.TARGETS[name].hf}.weight"] = (adapter.scale * b, a)
+    self.replaced: dict[str, np.ndarray] = {}  # HF name -> the adapter's saved weight
+    for e in hf.entries(model.cfg):
+      if e.path in adapter.modules:
+        for key, index in e.keys(model.cfg):
+          self.replaced[key] = adapter.modules[e.path][index] if index else adapter.modules[e.path]
+
+  def _read(self, name, r0, r1):
+    if name in self.replaced:
+      w = self.replaced[name]
+      return w[r0:r1] if w.ndim > 1 else w
+    x = self.model._read(name, r0, r1)
+    if name not in self.deltas:
+      return x
+    b, a = self.deltas[name]
+    return x.astype(np.float32) + b[r0:r1] @ a
+
+
+def split_lora(path: str) -> tuple[str, str | None]:
+  """mergekit's `model+adapter` reference -> (model, adapter); a path that exists is a model."""
+  if "+" not in path or paths.as_path(path).exists():
+    return path, None
+  for i in (i for i, ch in enumerate(path) if ch == "+"):
+    if peft.is_peft_dir(path[i + 1:]):
+      return path[:i], path[i + 1:]
+  raise MergeError(f"{path}: neither a checkpoint nor MODEL+ADAPTER with a PEFT adapter directory "
+                   f"(holding {peft.CONFIG_FILE}) after a '+'")
+
+
 def open_source(path: str, config: ModelConfig | None = None) -> Source:
-  """A model of the merge, its format detected (HF, native, workdir, Kaggle)."""
+  """A model of the merge, its format detected (HF, native, workdir, Kaggle), with a PEFT LoRA
+  adapter merged in when named as MODEL+ADAPTER."""
+  model, adapter = split_lora(path)
+  if adapter is not None:
+    return LoraSource(open_source(model, config), adapter)
   fmt = checkpoint.detect_format(path)
   if fmt == "hf":
     return HFSource(path)
