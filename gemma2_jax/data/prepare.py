@@ -435,9 +435,6 @@ def tokenize(source: SourceConfig, tokenizer_path: str, output_dir: str, *,
              bad_records: str = "skip", name: str = "data", progress: bool = True) -> TokenizeReport:
   """Writes this worker's missing shards `{output_dir}/{name}.array_record-SSSSS-of-NNNNN` (and
   their summaries), then meta.json if every shard is complete. See the module docstring."""
-  from tqdm import tqdm
-
-  from gemma2_jax.data.sources import expand_paths, infer_format
   from gemma2_jax.data.tokenizer import Tokenizer
 
   if source.chat:
@@ -452,18 +449,7 @@ def tokenize(source: SourceConfig, tokenizer_path: str, output_dir: str, *,
   t0 = time.perf_counter()
   tok = Tokenizer(tokenizer_path)
   tok.check()
-  if source.format == "tfds":
-    files, sizes, fmt = [None], [1], "tfds"
-  else:
-    files = expand_paths(source.paths)
-    fmt = source.format if source.format != "auto" else infer_format(files)
-    if fmt == "arrayrecord":
-      raise DataError(f"source {source.label!r} is already tokenized")
-    sizes = _sizes(files)
-    if fmt in ("text", "jsonl") and source.doc_per == "line":  # an empty file holds no line
-      files, sizes = [f for f, n in zip(files, sizes, strict=True) if n], [n for n in sizes if n]
-      if not files:
-        raise DataError(f"source {source.label!r}: empty corpus (every file is empty)")
+  files, sizes, fmt = _input_files(source)
   source = dataclasses.replace(source, format=fmt)
   procs = num_workers or min(os.cpu_count() or 1, 8)
   if num_shards is None:
@@ -491,10 +477,42 @@ def tokenize(source: SourceConfig, tokenizer_path: str, output_dir: str, *,
                nbytes=sum(sizes[f] // parts for f, _, parts in shards[s]), tok=tok,
                output_dir=output_dir, name=name, num_shards=num_shards, plan=plans[s],
                bad_utf8=bad_utf8, bad_records=bad_records) for s in todo]
+  done = _run_jobs(jobs, procs, progress=progress, desc=f"tokenize (worker {worker_index} of "
+                   f"{worker_count})" if worker_count > 1 else "tokenize")
+  done.seconds = time.perf_counter() - t0
+  report = TokenizeReport(summary=done, total=None, num_shards=num_shards, written=todo,
+                          skipped=complete, missing=[], worker_index=worker_index,
+                          worker_count=worker_count, meta_path=None)
+  return _finalize(report, output_dir, name, plans, source.label, dict(
+    tokenizer=str(tokenizer_path), tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
+    source=dataclasses.asdict(source), record_format="int32 little-endian"))
+
+
+def _input_files(source: SourceConfig) -> tuple[list, list[int], str]:
+  """(files, their sizes in bytes, format) of a source to tokenize; empty line-files left out."""
+  from gemma2_jax.data.sources import expand_paths, infer_format
+
+  if source.format == "tfds":
+    return [None], [1], "tfds"
+  files = expand_paths(source.paths)
+  fmt = source.format if source.format != "auto" else infer_format(files)
+  if fmt == "arrayrecord":
+    raise DataError(f"source {source.label!r} is already tokenized")
+  sizes = _sizes(files)
+  if fmt in ("text", "jsonl") and source.doc_per == "line":  # an empty file holds no line
+    files, sizes = [f for f, n in zip(files, sizes, strict=True) if n], [n for n in sizes if n]
+    if not files:
+      raise DataError(f"source {source.label!r}: empty corpus (every file is empty)")
+  return files, sizes, fmt
+
+
+def _run_jobs(jobs: list[_Job], procs: int, *, progress: bool, desc: str) -> Summary:
+  """Writes the jobs' shards, in this process or a pool of `procs` (spawned), with a byte bar."""
+  from tqdm import tqdm
+
   done = Summary()
   bar = tqdm(total=sum(j.nbytes for j in jobs), unit="B", unit_scale=True, disable=not progress,
-             desc=f"tokenize (worker {worker_index} of {worker_count})" if worker_count > 1
-             else "tokenize")
+             desc=desc)
   if min(procs, len(jobs)) <= 1:
     _init_worker(None)
     for job in jobs:
@@ -512,13 +530,7 @@ def tokenize(source: SourceConfig, tokenizer_path: str, output_dir: str, *,
         done.add(part)
     bar.update(bar.total - bar.n)
   bar.close()
-  done.seconds = time.perf_counter() - t0
-  report = TokenizeReport(summary=done, total=None, num_shards=num_shards, written=todo,
-                          skipped=complete, missing=[], worker_index=worker_index,
-                          worker_count=worker_count, meta_path=None)
-  return _finalize(report, output_dir, name, plans, source.label, dict(
-    tokenizer=str(tokenizer_path), tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
-    source=dataclasses.asdict(source), record_format="int32 little-endian"))
+  return done
 
 
 def _finalize(report: TokenizeReport, output_dir: str, name: str, plans: dict[int, dict],
