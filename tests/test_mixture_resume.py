@@ -201,8 +201,8 @@ def test_what_cannot_change_is_refused(corpora):
     _it(_cfg(corpora, {"a": 0.5, "b": 0.5}, seq_len=32)).set_state(state)
   other = make_train_iterator(_cfg(corpora, {"a": 0.5, "b": 0.5}), process_index=0,
                               process_count=2, tokenizer_path=TOK)
-  with pytest.raises(DataError, match="resume with 1 processes, or set checkpoint.restore_data"):
-    other.set_state(state)
+  with pytest.raises(DataError, match="needs every group's saved state.*restore_data=False"):
+    other.set_state(state)  # without the other groups' states (see test_group_resume)
   moved = DataConfig(sources=[SourceConfig(paths=corpora["a"], name="a"),
                               SourceConfig(paths=corpora["c"], name="b", format="jsonl")],
                      seq_len=64, global_batch=4, seed=1, tokenize_batch=8)

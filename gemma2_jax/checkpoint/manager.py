@@ -10,6 +10,8 @@ with a last `commit_success.txt`. Either way a save killed midway is never picke
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import os
 from typing import Any
@@ -49,16 +51,21 @@ class CheckpointConfig:
 
 
 class _IteratorState:
-  """Adapts our data iterator to grain's Orbax handler (one JSON file per process)."""
+  """Adapts our data iterator to grain's Orbax handler (one JSON file per process). `peers` reads
+  every process's file: what a data iterator needs when its data group count changed."""
 
-  def __init__(self, iterator):
+  def __init__(self, iterator, peers=None):
     self.iterator = iterator
+    self.peers = peers
 
   def get_state(self) -> bytes:
     return json.dumps(self.iterator.get_state()).encode()
 
   def set_state(self, state: bytes):
-    self.iterator.set_state(json.loads(state))
+    if self.peers is None:
+      self.iterator.set_state(json.loads(state))
+    else:
+      self.iterator.set_state(json.loads(state), peers=self.peers)
 
   def start_prefetch(self):
     pass
@@ -129,22 +136,45 @@ class TrainCheckpointer:
     import grain.checkpoint
 
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    peers = regroup = None
     if self.cfg.restore_data:
       saved = self.saved_process_count(step)
-      if saved != jax.process_count():
+      if "peers" in inspect.signature(data_iterator.set_state).parameters:
+        peers = self._data_states(step)  # read only if the iterator needs them
+      regroup = saved != jax.process_count()
+      if regroup and (peers is None or saved == 0):
         raise CheckpointError(
           f"checkpoint step {step} holds data-iterator state of {saved} processes but this run has "
           f"{jax.process_count()}; the data order cannot be re-mapped. Resume with {saved} "
           "processes, or set checkpoint.restore_data=False to restart the data stream (documents "
           "already seen may be seen again)")
-      items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
+      if not regroup:
+        items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator, peers))
     try:
       with deadline(f"restoring checkpoint step {step}", self.directory / str(step)):
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
     except UserError:  # already the one line (e.g. the data iterator's state does not fit)
       raise
     except Exception as e:  # orbax / tensorstore / json: a truncated or corrupt file of this step
       raise CheckpointError(self._unreadable(step, e)) from None
+    if regroup:  # another process count: each process continues from every old process's state
+      states = peers()
+      data_iterator.set_state(states[0], peers=lambda: states)
+    return state
+
+  def _data_states(self, step: int):
+    """A callable that reads (once) every process's data-iterator state of `step`."""
+    where = self.directory / str(step) / "data"
+
+    @functools.cache
+    def read() -> list[dict]:
+      try:
+        with deadline(f"reading the data-iterator states of checkpoint step {step}", where):
+          return [json.loads(f.read_text()) for f in sorted(where.glob("process_*-of-*.json"))]
+      except (OSError, ValueError) as e:  # a truncated or corrupt file (JSONDecodeError included)
+        raise CheckpointError(self._unreadable(step, e)) from None
+
+    return read
 
   def _unreadable(self, step: int, e: Exception) -> str:
     """The one line for a step that does not read back. Nothing is deleted or skipped on its own:

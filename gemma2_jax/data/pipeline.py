@@ -49,7 +49,7 @@ import grain.experimental as gx
 import grain.python as gp
 import numpy as np
 
-from gemma2_jax.data import chat
+from gemma2_jax.data import chat, groups
 from gemma2_jax.data.config import DataConfig, SourceConfig
 from gemma2_jax.data.sources import (
   STATS,
@@ -70,11 +70,13 @@ CHAT_PACKING_BINS = 32
 
 
 class _ShardedEpochChunks(grain.MapDataset):
-  """Chunk c of process `shard` -> list of up to `chunk` documents of epoch c // chunks_per_epoch.
+  """Chunk c of process `shard` -> list of up to `chunk` documents of one epoch (see groups.EpochPlan).
 
   Each epoch is a permutation of the source seeded with seed + epoch; process p reads global slots
   p, p + P, p + 2P, ... of it, so the P processes together read every document exactly once per
   epoch. Chunks never straddle epochs, and one chunk is one batched read + one SentencePiece call.
+  A `plan` deals the first epochs otherwise: after a resume under another process count, the slots
+  the old processes had not read (groups.merge).
 
   A `presharded` source (remote text / JSONL / Parquet: sources.RemoteLinesSource) holds only this
   shard's documents already (those starting in its share of the corpus's bytes): each epoch is a
@@ -85,25 +87,28 @@ class _ShardedEpochChunks(grain.MapDataset):
   _SHARD_SEED = 0x9E3779B1
 
   def __init__(self, source, *, shard: int, num_shards: int, num_epochs: int | None,
-               seed: int | None, chunk: int, label: str):
+               seed: int | None, chunk: int, label: str, plan: dict | None = None):
     super().__init__()
     self._source = source
     self._n = len(source)
     self._shard, self._num_shards = shard, num_shards
-    # Slots of the permutation this shard reads: every num_shards-th from `shard`, or all of them.
-    self._first, self._step = (0, 1) if getattr(source, "presharded", False) else (shard, num_shards)
-    self.docs_per_epoch = len(range(self._first, self._n, self._step))
+    presharded = getattr(source, "presharded", False)
+    if plan is not None and presharded:
+      raise DataError(f"source {label!r} is shared out by bytes per data group (remote text / "
+                      "JSONL / Parquet): it cannot continue under another data group count")
+    self.plan = groups.EpochPlan(self._n, shard, num_shards, chunk, presharded=presharded, plan=plan)
+    self.docs_per_epoch = self.plan.per_epoch
     if self.docs_per_epoch == 0:
       raise DataError(f"source {label!r} has {self._n} documents, fewer than the "
                       f"{num_shards} processes reading it")
-    self._chunk = max(1, min(chunk, self.docs_per_epoch))
-    self.chunks_per_epoch = -(-self.docs_per_epoch // self._chunk)
+    self.chunks_per_epoch = self.plan.chunks_per_epoch
+    self._presharded = presharded
     self._epochs = num_epochs
     self._seed = seed
     self._batched = hasattr(source, "__getitems__")
 
   def __len__(self) -> int:
-    return sys.maxsize if self._epochs is None else self.chunks_per_epoch * self._epochs
+    return sys.maxsize if self._epochs is None else self.plan.chunks(self._epochs)
 
   def __str__(self) -> str:
     return f"ShardedEpochChunks(shard={self._shard}/{self._num_shards}, seed={self._seed})"
@@ -111,12 +116,10 @@ class _ShardedEpochChunks(grain.MapDataset):
   def __getitem__(self, c):
     if isinstance(c, slice):
       return self.slice(c)
-    epoch, k = divmod(c, self.chunks_per_epoch)
-    lo = k * self._chunk
-    hi = min(lo + self._chunk, self.docs_per_epoch)
-    slots = range(self._first + lo * self._step, self._first + hi * self._step, self._step)
+    epoch, lo = self.plan.locate(c)
+    slots = self.plan.slots(epoch, lo, min(lo + self.plan.chunk, self.plan.docs(epoch)))
     if self._seed is not None and self._n > 1:
-      seed = (self._seed + epoch + (self._step == 1) * self._shard * self._SHARD_SEED) % 2**32
+      seed = (self._seed + epoch + self._presharded * self._shard * self._SHARD_SEED) % 2**32
       ids = [int(gx.index_shuffle(g, max_index=self._n - 1, seed=seed, rounds=4)) for g in slots]
     else:
       ids = list(slots)
@@ -127,7 +130,9 @@ class _ShardedEpochChunks(grain.MapDataset):
 
 class _TokenizeChunk(grain.transforms.Map):
   """list of documents (str | token array | None) -> list of {"tokens": int32 [len]}; a chat
-  source's conversations -> {"tokens": int32 [len], "weights": uint8 [len]} of at most a row."""
+  source's conversations -> {"tokens": int32 [len], "weights": uint8 [len]} of at most a row.
+  A skipped document (bad, empty, a chat prompt that fills a row) stays in the list as None and is
+  dropped after the flattening (`_Kept`), so that a position within a chunk is a document slot."""
 
   def __init__(self, tok: Tokenizer, cfg: DataConfig, label: str, chat: bool = False):
     self._tok = tok
@@ -146,11 +151,13 @@ class _TokenizeChunk(grain.transforms.Map):
     out = []
     for d in docs:
       if d is None or (isinstance(d, str) and (not d or d.isspace())):
+        out.append(None)
         continue
       ids = next(encoded) if isinstance(d, str) else d
       n = len(ids) + self._bos + self._eos
       if n == self._bos + self._eos:
         STATS["empty_docs"] += 1
+        out.append(None)
         continue
       arr = np.empty(n, np.int32)
       if self._bos:
@@ -173,30 +180,31 @@ class _TokenizeChunk(grain.transforms.Map):
     return out
 
   def _conversations(self, docs):
-    out = []
     convs = [d for d in docs if d is not None]  # None: a bad record, skipped and counted
-    for conv, (ids, weights, cuts) in zip(convs, chat.encode(convs, self._tok, bos=self._bos),
-                                         strict=True):
-      n = len(ids)
-      if n > self._max_len:
-        if self._long == "error":
-          raise DataError(f"source {self._label!r}: a conversation of {n} tokens is longer than a "
-                          f"row of {self._max_len} (long_docs='error')")
-        fitted = chat.fit(ids, weights, cuts, self._max_len)
-        first = conv.turns[0][1][:40].replace("\n", " ")
-        if fitted is None:
-          note("long_chats_skipped", f"source {self._label!r}: a conversation of {n} tokens whose "
-               f"prompt alone fills a row of {self._max_len} is skipped ({first!r}...)")
-          continue
-        ids, weights = fitted
-        note("long_chats", f"source {self._label!r}: a conversation of {n} tokens is longer than "
-             f"a row of {self._max_len}; cut to {len(ids)} ({first!r}...)")
-      out.append({"tokens": ids, "weights": weights})
-    return out
+    encoded = iter(chat.encode(convs, self._tok, bos=self._bos))
+    return [None if conv is None else self._conversation(conv, *next(encoded)) for conv in docs]
+
+  def _conversation(self, conv, ids, weights, cuts):
+    n = len(ids)
+    if n > self._max_len:
+      if self._long == "error":
+        raise DataError(f"source {self._label!r}: a conversation of {n} tokens is longer than a "
+                        f"row of {self._max_len} (long_docs='error')")
+      fitted = chat.fit(ids, weights, cuts, self._max_len)
+      first = conv.turns[0][1][:40].replace("\n", " ")
+      if fitted is None:
+        note("long_chats_skipped", f"source {self._label!r}: a conversation of {n} tokens whose "
+             f"prompt alone fills a row of {self._max_len} is skipped ({first!r}...)")
+        return None
+      ids, weights = fitted
+      note("long_chats", f"source {self._label!r}: a conversation of {n} tokens is longer than "
+           f"a row of {self._max_len}; cut to {len(ids)} ({first!r}...)")
+    return {"tokens": ids, "weights": weights}
 
 
 class _Flatten(gx.FlatMapTransform):
-  """Chunks back to documents; guards against a source whose every document is skipped."""
+  """Chunks back to documents (None where one was skipped: see `_Kept`); guards against a source
+  whose every document is skipped."""
 
   def __init__(self, label: str, max_empty_chunks: int):
     self._label = label
@@ -204,7 +212,7 @@ class _Flatten(gx.FlatMapTransform):
     self._empty = 0
 
   def flat_map(self, chunk):
-    if chunk:
+    if any(d is not None for d in chunk):
       self._empty = 0
     else:
       self._empty += 1
@@ -212,6 +220,13 @@ class _Flatten(gx.FlatMapTransform):
         raise DataError(f"source {self._label!r}: every document of a whole epoch was empty or "
                         f"skipped as bad input ({dict(STATS)})")
     return chunk
+
+
+class _Kept(grain.transforms.Filter):
+  """Drops the skipped documents' None after `_Flatten` (whose position then counts slots)."""
+
+  def filter(self, doc) -> bool:
+    return doc is not None
 
 
 class _ChatRow(grain.transforms.Map):
@@ -293,16 +308,21 @@ def _check_prepared(src, tok: Tokenizer, label: str) -> None:
 def rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: int,
          num_epochs: int | None, shuffle: bool,
          presharded: list[int] | None = None,
-         seed_slots: list[int] | None = None) -> grain.IterDataset:
+         seed_slots: list[int] | None = None,
+         plans: Mapping[str, dict] | None = None,
+         sizes: dict[str, int] | None = None) -> grain.IterDataset:
   """Packed rows {"tokens", "tokens_segment_ids", "tokens_positions"} [T+1], mixed; with any chat
   source every row also has "weights" [T+1] (see the module docstring). `presharded` (a list) gets
   the indices of the sources that hold only this process's share (see _ShardedEpochChunks).
   `seed_slots[i]`: what seeds source i's shuffle (default i, its position; a source keeps the slot it
-  had when a resumed mixture adds or removes sources, see DataIterator.set_state)."""
+  had when a resumed mixture adds or removes sources, see DataIterator.set_state). `plans[name]`:
+  how that source's first epochs are dealt after a resume under another process count (groups).
+  `sizes` (a dict) gets each source's number of documents by name."""
   any_chat = any(sc.chat for sc in cfg.sources)
   if any_chat:
     tok.chat_ids()  # a tokenizer without the turn markers fails at start-up, naming it
   per_source = []
+  names = source_names(cfg.sources)
   reads = RemoteReads(cfg.remote_read_concurrency, cfg.remote_read_block_bytes)
   for i, sc in enumerate(cfg.sources):
     src = open_source(sc, bad_utf8=cfg.bad_utf8, bad_records=cfg.bad_records,
@@ -311,17 +331,19 @@ def rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: 
       _check_prepared(src, tok, sc.label)
     if presharded is not None and getattr(src, "presharded", False):
       presharded.append(i)
+    if sizes is not None:
+      sizes[names[i]] = len(src)
     ds = _ShardedEpochChunks(src, shard=process_index, num_shards=process_count,
                              num_epochs=num_epochs, chunk=cfg.tokenize_batch,
                              seed=(cfg.seed * 1_000_003 + (i if seed_slots is None else
                                                            seed_slots[i])) % 2**32
                              if shuffle else None,
-                             label=sc.label)
+                             label=sc.label, plan=(plans or {}).get(names[i]))
     max_empty = ds.chunks_per_epoch + 1
     ds = ds.map(_TokenizeChunk(tok, cfg, sc.label, chat=sc.chat))
     ds = ds.to_iter_dataset(gp.ReadOptions(num_threads=cfg.num_threads,
                                            prefetch_buffer_size=cfg.prefetch))
-    ds = gx.FlatMapIterDataset(ds, _Flatten(sc.label, max_empty))
+    ds = gx.FlatMapIterDataset(ds, _Flatten(sc.label, max_empty)).filter(_Kept())
     if sc.chat and not sc.pack:
       ds = ds.map(_OneChatRow(cfg.seq_len + 1))
     elif sc.chat:
@@ -337,7 +359,6 @@ def rows(cfg: DataConfig, tok: Tokenizer, *, process_index: int, process_count: 
     per_source.append(ds)
   if len(per_source) == 1:
     return per_source[0]
-  names = source_names(cfg.sources)
   if len(set(names)) != len(names):
     raise DataError(f"source names must be unique in a mixture, got {names}")
   return grain.IterDataset.mix(dict(zip(names, per_source, strict=True)),
@@ -385,18 +406,24 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
 
   State: {"grain": the grain pipeline's state (per source: its shard's chunk = epoch and position,
   the document within the chunk, the packer's partial row; for a mixture also the mixing index),
-  "count", "done", "fingerprint" (what the batch sequence depends on), and, once a resumed mixture
-  dropped sources, "retired": {name: {"grain": that source's state, "slot", "source"}}}.
-  set_state resumes bit-identically under the same fingerprint; under a changed mixture or global
-  batch it continues every source where it stopped (see `_resume_changed`).
+  "count", "done", "fingerprint" (what the batch sequence depends on; after a resume under another
+  process count it holds each source's "plans", see groups), "consumed" (per source how far this
+  process has read it: what another process count continues from) and, once a resumed mixture
+  dropped sources, "retired": {name: {"grain": that source's state, "slot", "source", "plan",
+  "consumed"}}}. set_state resumes bit-identically under the same fingerprint; under a changed
+  mixture, global batch or process count it continues every source where it stopped (see
+  `_resume_changed`).
   """
 
   def __init__(self, ds: grain.IterDataset, *, batch_size: int, seq_len: int,
                pad_to: int | None = None, fingerprint: Mapping[str, Any] | None = None,
-               rebuild=None):
+               rebuild=None, sizes: Mapping[str, int] | None = None):
     self._ds = ds
     self._fingerprint = _jsonable(dict(fingerprint or {}))
-    self._rebuild = rebuild  # seed_slots -> (ds, fingerprint): the same config, sources reseeded
+    # (seed_slots, plans) -> _build's (ds, batch, fingerprint, sizes): the same config, sources
+    # reseeded or dealt by plans
+    self._rebuild = rebuild
+    self._sizes = dict(sizes or {})  # documents per source (its name)
     self._retired: dict[str, Any] = {}
     self._it = iter(ds)
     self.batch_size, self.seq_len = batch_size, seq_len
@@ -448,23 +475,45 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
 
   def get_state(self) -> dict[str, Any]:
     state = {"grain": _jsonable(self._it.get_state()), "count": self._count, "done": self._done,
-             "fingerprint": self._fingerprint}
+             "fingerprint": self._fingerprint, "consumed": self._consumed()}
     if self._retired:
       state["retired"] = self._retired
     return state
 
-  def set_state(self, state: Mapping[str, Any]) -> None:
+  def _consumed(self) -> dict[str, list[int] | None]:
+    """Per source [chunk, documents of it read, documents in the source] (groups.read_position):
+    where another data group count continues from; None where that cannot be read."""
+    names = source_names(self._fingerprint.get("sources", []))
+    node, iters = self._it, [None] * len(names)
+    while node is not None:
+      parents = [p for p in getattr(node, "_parents", ()) if hasattr(p, "__next__")]
+      if len(parents) > 1:
+        iters = parents if len(parents) == len(names) else iters
+        break
+      node = parents[0] if parents else None
+    if len(names) == 1:
+      iters = [self._it]
+    out = {}
+    for n, it in zip(names, iters, strict=True):
+      at = groups.read_position(it) if it is not None else None
+      out[n] = None if at is None or n not in self._sizes else [*at, self._sizes[n]]
+    return out
+
+  def set_state(self, state: Mapping[str, Any], peers=None) -> None:
+    """`peers`: a callable that returns every saved process's state (a checkpoint's data files);
+    needed only when the state was saved under another data group count."""
     saved = state.get("fingerprint")
     if saved is not None and _jsonable(saved) != self._fingerprint:
-      self._resume_changed(_jsonable(saved), state)
+      self._resume_changed(_jsonable(saved), state, peers)
       return
     self._it.set_state(from_json(state["grain"]))
     self._count = int(state["count"])
     self._done = bool(state["done"])
     self._retired = _jsonable(state.get("retired", {}))
 
-  def _resume_changed(self, saved: dict[str, Any], state: Mapping[str, Any]) -> None:
-    """Resumes a state saved under other source weights, other sources or another global batch.
+  def _resume_changed(self, saved: dict[str, Any], state: Mapping[str, Any], peers) -> None:
+    """Resumes a state saved under other source weights, other sources, another global batch or
+    another data group count (process count).
 
     Every source present in both runs continues exactly where it stopped: the same epoch, the same
     next document of its shard's permutation, even the rest of its partially packed row (its grain
@@ -472,90 +521,168 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
     the mixture starts at its beginning (epoch 0); a source dropped from it keeps its state under
     "retired" and continues from there if it comes back. Rows are then drawn from the sources by
     the new weights, in the order a fresh run with these weights would draw them (the mixing index
-    restarts at 0), and batched by the new global batch. Anything else changed is refused.
+    restarts at 0), and batched by the new global batch. Under another group count see `_regroup`.
+    Anything else changed is refused.
     """
     now = self._fingerprint
-    free = ("sources", "global_batch", "chat_packing_bins", "byte_sharded_sources", "seed_slots")
-    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-            if k not in free and saved.get(k) != now.get(k)}
-    if "process_count" in diff or "process_index" in diff:
+    states = None
+    if _group(saved) != _group(now):
+      states = self._group_states(saved, peers)
+      own = [s for s in states if _group(s["fingerprint"]) == _group(now)]
+      if own:  # this group's own state: the processes were only numbered otherwise
+        self.set_state(own[0])
+        return
+      state, saved = states[0], _jsonable(states[0]["fingerprint"])
+    self._check_changes(saved, regroup=states is not None)
+    known = self._known(saved, state)
+    if states is not None:
+      self._regroup(known, states, saved)
+    new_names = source_names(now["sources"])
+    slots = self._seed_slots(known, new_names)
+    plans = {n: known[n]["plan"] for n in new_names if n in known and known[n]["plan"]}
+    if slots != (now.get("seed_slots") or list(range(len(new_names)))) or \
+       plans != (now.get("plans") or {}):
+      stop_threads(self._it)
+      self._ds, _, self._fingerprint, self._sizes = self._rebuild(slots, plans)
+      self._it = iter(self._ds)
+    if states is None and self._fingerprint == saved:  # e.g. the same changed mixture again: exact
+      self.set_state(state)
+      return
+    if now.get("num_workers"):
+      raise DataError("a changed mixture, global batch or process count resumes with "
+                      "data.num_workers=0 only (grain worker processes each hold a slice of every "
+                      "source)")
+    self._continue(known, new_names, state)
+
+  def _group_states(self, saved, peers) -> list[Mapping[str, Any]]:
+    """Every old data group's state, in group order (the saved processes, one per group)."""
+    (index, count), now = _group(saved), _group(self._fingerprint)
+    if peers is None:
       raise DataError(
-        f"data iterator state was saved by process {saved.get('process_index')} of "
-        f"{saved.get('process_count')} (process_count), this is process {now.get('process_index')} "
-        f"of {now.get('process_count')}: each process's document positions cannot be re-mapped "
-        f"to another process count; resume with {saved.get('process_count')} processes, or set "
+        f"data iterator state was saved by data group {index} of {count} (process_count), this is "
+        f"group {now[0]} of {now[1]}: continuing under another data group count needs every "
+        "group's saved state (a checkpoint restore passes them); or set "
         "checkpoint.restore_data=False to restart the data stream (documents already seen are "
         "seen again)")
+    by_group = {}
+    for s in peers():
+      by_group.setdefault(_group(s["fingerprint"]), s)
+    missing = [g for g in range(count) if (g, count) not in by_group]
+    if missing or any(c != count for _, c in by_group):
+      raise DataError(f"the saved data states are of groups {sorted(by_group)}: groups {missing} "
+                      f"of {count} are missing, so their positions are unknown")
+    return [by_group[(g, count)] for g in range(count)]
+
+  def _check_changes(self, saved: dict[str, Any], *, regroup: bool) -> None:
+    now = self._fingerprint
+    free = ("sources", "global_batch", "chat_packing_bins", "byte_sharded_sources", "seed_slots",
+            "plans") + (("process_index", "process_count") if regroup else ())
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if k not in free and saved.get(k) != now.get(k)}
     if diff or self._rebuild is None:
       raise DataError(f"data iterator state was saved by a different pipeline; (saved, now): {diff}"
-                      " (only source weights, the set of sources and global_batch may change)")
+                      " (only source weights, the set of sources, global_batch and the process "
+                      "count may change)")
     old, new = saved["sources"], now["sources"]
-    old_names, new_names = source_names(old), source_names(new)
     if len(old) != len(new) and not all(sc.get("name") for sc in old + new):
       raise DataError("a resumed mixture adds or removes sources: name every source "
                       "(SourceConfig.name), in the saved run and now, so that each continues "
                       f"where it stopped (saved: {[sc.get('name') for sc in old]}, now: "
                       f"{[sc.get('name') for sc in new]})")
-    old_slots = saved.get("seed_slots") or list(range(len(old)))
-    retired = _jsonable(state.get("retired", {}))
-    # name -> (its source fingerprint, seed slot, grain state or None = still inside the mixture)
-    known = {n: (sc, slot, None) for n, sc, slot in zip(old_names, old, old_slots, strict=True)}
-    for n, r in retired.items():
-      known.setdefault(n, (r["source"], r["slot"], r["grain"]))
 
-    def _same(a, b):  # a source's identity: everything but its weight (and paths, never stored)
-      return {k: v for k, v in a.items() if k != "weight"} == \
-             {k: v for k, v in b.items() if k != "weight"}
+  @staticmethod
+  def _known(saved: dict[str, Any], state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> {"source" (its fingerprint), "slot" (what seeds it), "grain" (its state; None = from
+    the start of its plan), "plan", "consumed"} of every source the saved run knew, retired ones
+    included."""
+    old = saved["sources"]
+    names = source_names(old)
+    slots = saved.get("seed_slots") or list(range(len(old)))
+    plans, consumed = saved.get("plans") or {}, _jsonable(state.get("consumed") or {})
+    grain_state = _jsonable(state["grain"])
+    per_source = dict(grain_state["parents"]) if len(old) > 1 else {names[0]: grain_state}
+    known = {n: dict(source=sc, slot=slot, grain=per_source[n], plan=plans.get(n),
+                     consumed=consumed.get(n))
+             for n, sc, slot in zip(names, old, slots, strict=True)}
+    for n, r in _jsonable(state.get("retired", {})).items():
+      known.setdefault(n, dict(source=r["source"], slot=r["slot"], grain=r["grain"],
+                               plan=r.get("plan"), consumed=r.get("consumed")))
+    return known
 
-    for n, sc in zip(new_names, new, strict=True):
-      if n in known and not _same(known[n][0], sc):
-        d = {k: (known[n][0].get(k), sc.get(k)) for k in set(known[n][0]) | set(sc)
-             if k != "weight" and known[n][0].get(k) != sc.get(k)}
+  def _seed_slots(self, known, new_names) -> list[int]:
+    """Each source's seed slot: the one it had, or the first free one for a new source; refuses a
+    source whose identity changed under its name."""
+    for n, sc in zip(new_names, self._fingerprint["sources"], strict=True):
+      was = known[n]["source"] if n in known else sc
+      d = {k: (was.get(k), sc.get(k)) for k in set(was) | set(sc)
+           if k != "weight" and was.get(k) != sc.get(k)}  # paths are never stored
+      if d:
         raise DataError(f"source {n!r} changed since the saved run ((saved, now): {d}); only its "
                         "weight may change on resume: give a different corpus a new name (it then "
                         "starts from its beginning)")
-    taken = {known[n][1] for n in known}
+    taken = {k["slot"] for k in known.values()}
     slots, free_slot = [], 0
     for n in new_names:
       if n in known:
-        slots.append(known[n][1])
+        slots.append(known[n]["slot"])
       else:
         while free_slot in taken:
           free_slot += 1
         slots.append(free_slot)
         taken.add(free_slot)
-    if slots != (now.get("seed_slots") or list(range(len(new)))):
-      stop_threads(self._it)
-      self._ds, self._fingerprint = self._rebuild(slots)
-      self._it = iter(self._ds)
-    if self._fingerprint == saved:  # e.g. the same changed mixture resumed again: exact
-      self.set_state(state)
-      return
-    if now.get("num_workers"):
-      raise DataError("a changed mixture or global batch resumes with data.num_workers=0 only "
-                      "(grain worker processes each hold a slice of every source)")
-    # Per-source grain states: a mixture's "parents" by name, or a single source's whole state.
-    grain_state = _jsonable(state["grain"])
-    per_source = (dict(grain_state["parents"]) if len(old) > 1 else {old_names[0]: grain_state})
+    return slots
+
+  @staticmethod
+  def _regroup(known, states, saved) -> None:
+    """Under another data group count: each source's plan (groups.merge) from where every old group
+    stopped, and its state the start of that plan. The new groups deal among themselves the
+    documents of each epoch that no old group had read: none is read twice within its epoch and
+    none is skipped, except the rest of a document an old group had cut at a row boundary (its part
+    in that group's last row was trained; the rest is dropped: at most one document per source per
+    old group). A document an old group had read but not yet put in any row counts as not read."""
+    count, chunk, num_epochs = saved["process_count"], saved["tokenize_batch"], saved["num_epochs"]
+    for n, k in known.items():
+      per_group = [_known_consumed(s, n) for s in states]
+      if any(c is None for c in per_group):
+        raise DataError(f"source {n!r}: the saved state does not say how far each data group had "
+                        "read it (saved by an older version, with data.num_workers > 0, or a chat "
+                        "source packed several conversations to a row), so it cannot continue "
+                        "under another data group count; resume with the saved process count")
+      size = per_group[0][2]
+      plans = [groups.EpochPlan(size, g, count, chunk, plan=k["plan"]) for g in range(count)]
+      at = [p.position(c, num_epochs) for p, c in zip(plans, per_group, strict=True)]
+      k.update(plan=groups.merge(plans, at, num_epochs), grain=None, consumed=[0, 0, size])
+
+  def _continue(self, known, new_names, state) -> None:
+    """Sets the per-source states: known sources where they stopped, new ones from the start."""
     fresh = _jsonable(self._it.get_state())
-    fresh_parents = fresh["parents"] if len(new) > 1 else {new_names[0]: fresh}
-    parents = {}
-    for n in new_names:
-      got = per_source.get(n) if n in per_source else known.get(n, (None, None, None))[2]
-      parents[n] = got if got is not None else fresh_parents[n]
-    self._retired = {n: {"grain": per_source.get(n, known[n][2]), "slot": known[n][1],
-                         "source": known[n][0]} for n in known if n not in new_names}
-    new_state = (parents[new_names[0]] if len(new) == 1 else
+    fresh_parents = fresh["parents"] if len(new_names) > 1 else {new_names[0]: fresh}
+    parents = {n: known[n]["grain"] if n in known and known[n]["grain"] is not None
+               else fresh_parents[n] for n in new_names}
+    self._retired = {n: {k: known[n][k] for k in ("grain", "slot", "source", "plan", "consumed")}
+                     for n in known if n not in new_names}
+    new_state = (parents[new_names[0]] if len(new_names) == 1 else
                  {"parents": parents, "index": 0, "stop": False})
     self._it.set_state(from_json(new_state))
     self._count = int(state["count"])
     self._done = False
     added = [n for n in new_names if n not in known]
-    log.info("data: resumed under a changed mixture / global batch: %s continue where they "
-             "stopped%s%s; rows are mixed afresh by the new weights",
+    log.info("data: resumed under a changed mixture / global batch / process count: %s continue "
+             "where they stopped%s%s; rows are mixed afresh by the new weights",
              [n for n in new_names if n in known] or "no sources",
              f", {added} start from their beginning" if added else "",
              f", {sorted(self._retired)} are set aside (kept in the state)" if self._retired else "")
+
+
+def _group(fingerprint: Mapping[str, Any]) -> tuple[Any, Any]:
+  return fingerprint.get("process_index"), fingerprint.get("process_count")
+
+
+def _known_consumed(state: Mapping[str, Any], name: str) -> list[int] | None:
+  """One group's [chunk, read, size] of source `name`, live or retired (None if not recorded)."""
+  if name in (state.get("consumed") or {}):
+    return state["consumed"][name]
+  return (state.get("retired") or {}).get(name, {}).get("consumed")
 
 
 def _jsonable(x):
@@ -574,7 +701,7 @@ def from_json(x):
 def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | None,
            tokenizer_path, vocab_size: int | None, num_real_tokens: int | None,
            num_epochs: int | None, shuffle: bool, drop_remainder: bool,
-           seed_slots: list[int] | None = None):
+           seed_slots: list[int] | None = None, plans: Mapping[str, dict] | None = None):
   if process_index is None or process_count is None:
     import jax
 
@@ -589,8 +716,10 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
   tok = Tokenizer(tokenizer_path, num_threads=cfg.num_threads)
   tok.check(vocab_size, num_real_tokens=num_real_tokens)
   presharded: list[int] = []
+  sizes: dict[str, int] = {}
   ds = rows(cfg, tok, process_index=process_index, process_count=process_count,
-            num_epochs=num_epochs, shuffle=shuffle, presharded=presharded, seed_slots=seed_slots)
+            num_epochs=num_epochs, shuffle=shuffle, presharded=presharded, seed_slots=seed_slots,
+            plans=plans, sizes=sizes)
   ds = ds.batch(batch, drop_remainder=drop_remainder)
   ds = ds.map(_ToModelBatch(tok.piece_bytes()))
   if cfg.num_workers > 0:
@@ -624,7 +753,9 @@ def _build(cfg: DataConfig, *, process_index: int | None, process_count: int | N
   if seed_slots is not None and list(seed_slots) != list(range(len(cfg.sources))):
     # Only after a resume that added / removed sources (absent otherwise: older states stay valid).
     fingerprint["seed_slots"] = list(seed_slots)
-  return ds, batch, fingerprint
+  if plans:  # only after a resume under another process count (absent otherwise)
+    fingerprint["plans"] = dict(plans)
+  return ds, batch, fingerprint, sizes
 
 
 def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int | None = 0,
@@ -643,9 +774,9 @@ def make_train_iterator(cfg: DataConfig | Mapping, *, process_index: int | None 
   kw = dict(process_index=process_index, process_count=process_count,
             tokenizer_path=tokenizer_path, vocab_size=vocab_size, num_real_tokens=num_real_tokens,
             num_epochs=cfg.num_epochs, shuffle=cfg.shuffle, drop_remainder=True)
-  ds, batch, fp = _build(cfg, **kw)
-  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, fingerprint=fp,
-                      rebuild=lambda slots: _build(cfg, seed_slots=slots, **kw)[::2])
+  ds, batch, fp, sizes = _build(cfg, **kw)
+  return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, fingerprint=fp, sizes=sizes,
+                      rebuild=lambda slots, plans: _build(cfg, seed_slots=slots, plans=plans, **kw))
 
 
 def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int | None = 0,
@@ -662,6 +793,7 @@ def make_eval_iterator(cfg: DataConfig | Mapping, *, process_index: int | None =
   kw = dict(process_index=process_index, process_count=process_count,
             tokenizer_path=tokenizer_path, vocab_size=vocab_size, num_real_tokens=num_real_tokens,
             num_epochs=1, shuffle=False, drop_remainder=False)
-  ds, batch, fp = _build(cfg, **kw)
+  ds, batch, fp, sizes = _build(cfg, **kw)
   return DataIterator(ds, batch_size=batch, seq_len=cfg.seq_len, pad_to=num_batches,
-                      fingerprint=fp, rebuild=lambda slots: _build(cfg, seed_slots=slots, **kw)[::2])
+                      fingerprint=fp, sizes=sizes,
+                      rebuild=lambda slots, plans: _build(cfg, seed_slots=slots, plans=plans, **kw))
