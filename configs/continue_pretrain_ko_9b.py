@@ -27,6 +27,10 @@ then train on the shards, keeping the mix:
       'format': 'arrayrecord', 'paths': ['gs://BUCKET/en_tokenized/*.array_record*']}]"
 The JSONL as configured suits small corpora and quick experiments: it is tokenized on the fly, which
 costs host CPU every epoch.
+Every 2000 steps the run scores KoBEST, HAE-RAE and English HellaSwag / ARC (200 examples each) with
+lm-evaluation-harness on its own params (`bench/<task>/acc`): install with `--extras=tpu,eval`, fill
+the hosts' HF datasets cache first (or point the tasks at local YAMLs), or turn it off with
+--config.train.benchmarks.every=0.
 """
 
 from gemma2_jax.model.config import gemma2_9b
@@ -54,6 +58,12 @@ def get_config():
     name: {**dict(c.data.train), "sources": [
       {**source, "name": f"{name}_eval", "paths": [f"gs://BUCKET/{name}_eval/*.jsonl"], "format": "jsonl"}]}
     for name in ("ko", "en")}
+  # lm-eval benchmarks on the training params every 2000 steps (bench/<task>/<metric>): Korean
+  # knowledge, grammar and reasoning (KoBEST, HAE-RAE) and English ones to watch forgetting, 200
+  # examples each. Needs the `eval` extra and the tasks' data in the hosts' HF datasets cache.
+  c.train.benchmarks.update(every=2000, limit=200, batch_size=32, max_length=2048, tasks=(
+    "kobest_boolq", "kobest_copa", "kobest_hellaswag", "kobest_sentineg", "kobest_wic", "haerae",
+    "hellaswag", "arc_easy", "arc_challenge"))
   # Checkpoints: every 500 steps or 30 minutes, whichever comes first; the last 3 kept, and a
   # milestone every 5000 steps kept for good.
   c.checkpoint.update(save_every=500, save_every_minutes=30, keep_last=3, keep_every=5000)

@@ -4,6 +4,7 @@ generation, and a local multiple-choice task through `lm_eval.simple_evaluate`. 
 and its data are in tests/data/lm_eval/, the HF tokenizer is built from a shipped SentencePiece model.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -169,3 +170,96 @@ def test_from_params_in_memory(models):
     lm.loglikelihood_rolling(requests("loglikelihood_rolling", args), disable_tqdm=True),
     ours.loglikelihood_rolling(requests("loglikelihood_rolling", args), disable_tqdm=True),
     rtol=RTOL)
+
+
+def test_benchmark_hook_scores_the_params_in_place(models, monkeypatch, tmp_path):
+  """The training hook: due every N steps, `bench/<task>/<metric>` equal to simple_evaluate's, and the
+  params it was given bit-identical afterwards (read in place, never donated)."""
+  import jax
+
+  from gemma2_jax.training.benchmark_hook import BenchmarkHook, BenchmarksConfig
+
+  ours, _ = models
+  monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.chdir(TASKS)  # the task's data_files are relative to it
+  config = BenchmarksConfig(tasks=(str(TASKS / "ko_mc.yaml"),), every=2, limit=5, batch_size=4,
+                            max_length=MAX_LENGTH)
+  hook = BenchmarkHook(config, ours.cfg, ours.tok, mesh=ours.mesh)
+  assert [d for d in range(7) if hook.due(d)] == [2, 4, 6]
+  before = jax.device_get(ours.params)
+  got = hook(2, ours.params)
+  assert sorted(got) == ["bench/gemma2_jax_ko_mc/acc", "bench/gemma2_jax_ko_mc/acc_norm"]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours.params), before)
+  assert all(not x.is_deleted() for x in jax.tree.leaves(ours.params))
+  assert hook(4, ours.params) == got == hook.last  # the same params, programs and figures
+
+  from gemma2_jax.benchmarks.evaluate import Tasks, evaluate, metrics
+
+  want = evaluate(ours, Tasks(config.tasks), limit=5)
+  assert metrics(want) == got
+  assert got["bench/gemma2_jax_ko_mc/acc"] == want["results"]["gemma2_jax_ko_mc"]["acc,none"]
+
+  off = BenchmarkHook(BenchmarksConfig(), ours.cfg, ours.tok)
+  assert not any(off.due(d) for d in range(5)) and off(2, ours.params) == {}
+  with pytest.raises(Exception, match="task file .*missing.yaml does not exist"):
+    BenchmarkHook(BenchmarksConfig(tasks=(str(TASKS / "missing.yaml"),), every=1), ours.cfg, ours.tok)
+
+
+def test_model_args_win_over_lm_eval_flags(monkeypatch):
+  """lm_eval's CLI passes its --batch_size (default 1) beside --model_args: no clash, model_args win."""
+  from gemma2_jax.benchmarks.harness import Gemma2JaxLM
+
+  seen = {}
+  monkeypatch.setattr(Gemma2JaxLM, "__init__", lambda self, **kw: seen.update(kw))
+  Gemma2JaxLM.create_from_arg_string("checkpoint=c,batch_size=8",
+                                     {"batch_size": 1, "max_batch_size": None, "device": "cpu"})
+  assert seen == {"checkpoint": "c", "batch_size": 8, "device": "cpu"}
+
+
+def test_benchmarks_config():
+  from gemma2_jax.errors import UserError
+  from gemma2_jax.training.benchmark_hook import BenchmarksConfig
+
+  assert BenchmarksConfig(tasks="kobest_copa,haerae", every=3).tasks == ("kobest_copa", "haerae")
+  assert BenchmarksConfig(tasks=["kobest_copa"], every=3).enabled  # a list from ml_collections
+  assert not BenchmarksConfig(tasks=("kobest_copa",)).enabled  # every 0: off
+  with pytest.raises(UserError, match="tasks is empty"):
+    BenchmarksConfig(every=5)
+  with pytest.raises(UserError, match="every must be >= 0"):
+    BenchmarksConfig(tasks=("kobest_copa",), every=-1)
+
+
+def test_benchmarks_during_training_log_at_their_steps_and_leave_the_run_unchanged(tmp_path, monkeypatch):
+  """train.benchmarks: bench/<task>/<metric> rows in metrics.jsonl after steps 2 and 4 of 4, in the
+  summary, and the same losses as the run without them (scoring reads the params, changes nothing)."""
+  import jax
+
+  from gemma2_jax.training.experiment import from_config
+  from gemma2_jax.training.loop import Trainer
+  from tests.tiny import TOKENIZER, tiny_experiment
+
+  monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  task = tmp_path / "ko_mc.yaml"  # the shipped task with its data file by absolute path
+  task.write_text((TASKS / "ko_mc.yaml").read_text().replace("test: mc.json", f"test: {TASKS / 'mc.json'}"))
+
+  def run(workdir, **bench):
+    c = tiny_experiment(steps=4, log_every=1, seq_len=32)
+    c.data.tokenizer = str(TOKENIZER)
+    c.model.vocab_size = 1024
+    c.checkpoint.export_hf = False
+    c.train.benchmarks.update(bench)
+    summary = Trainer(from_config(c, num_devices=jax.device_count()), workdir).run()
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+  summary, rows = run(tmp_path / "bench", tasks=(str(task),), every=2, limit=4, batch_size=8)
+  _, plain = run(tmp_path / "plain")
+  bench = {r["step"]: r for r in rows if any(k.startswith("bench/") for k in r)}
+  assert sorted(bench) == [2, 4]
+  assert {k for k in bench[2] if k.startswith("bench/")} == {"bench/gemma2_jax_ko_mc/acc",
+                                                            "bench/gemma2_jax_ko_mc/acc_norm"}
+  assert summary["bench/gemma2_jax_ko_mc/acc"] == bench[4]["bench/gemma2_jax_ko_mc/acc"]
+  losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+  assert losses == [(r["step"], r["loss"]) for r in plain if "loss" in r] and len(losses) == 4

@@ -141,3 +141,16 @@ def test_import_check_sees_a_broken_script(tmp_path):
   assert problems[0] == "import: RuntimeError: broken at import"
   assert "line 2: tests has no no_such_helper" in problems
   assert any(p.startswith("line 3: tests.no_such_module: ModuleNotFoundError") for p in problems)
+
+
+# scripts/bench_lm_eval.py: registered here, after the parametrized smoke runs were collected, so that
+# the coverage and import checks above see it; its own smoke run is the test below.
+SMOKE["bench_lm_eval"] = r"^ours/hf: [\d.]+x$"
+
+
+def test_bench_lm_eval_smoke_run():
+  result = run_smoke("bench_lm_eval")
+  assert result.returncode == 0, f"scripts/bench_lm_eval.py --smoke exited {result.returncode}:\n" \
+                                 f"{result.stderr[-3000:]}"
+  assert re.search(SMOKE["bench_lm_eval"], result.stdout, re.M), result.stdout[-3000:]
+  assert re.search(r"^loglikelihood_rolling +[\d.]+ +[\d.]+ +[\d.]+x$", result.stdout, re.M)

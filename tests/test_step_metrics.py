@@ -80,6 +80,10 @@ def test_mfu_counts_the_student_the_teacher_and_sampling(tmp_path, clock):
   assert row["student_mfu"] == pytest.approx(student_f * slots / per_chip, rel=0.01)
   assert row["step_time_s"] == pytest.approx(2.0)
   assert row["gen_tokens_per_s"] == pytest.approx(generated / seconds)
+  # WARP's EMA anchor: one more forward of the student per slot, counted with the frozen forwards.
+  anchored = step_flops(student, T, teacher=teacher, anchor=True)
+  assert anchored.teacher == pytest.approx(teacher_f + hand_forward_flops(student, T), rel=0.01)
+  assert anchored.student == pytest.approx(student_f, rel=0.01)
 
 
 def test_tokens_per_s_counts_loss_bearing_tokens_not_padded_slots(tmp_path, clock):

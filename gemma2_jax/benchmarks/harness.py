@@ -24,15 +24,26 @@ It follows the `hf` backend (lm_eval.models.huggingface.HFLM) on a Gemma tokeniz
   tokens dropped) cut at the first stop string. The KV cache is the compute dtype's (float32 when
   run in float32: a bf16 cache flips near-tied greedy picks).
 
-Requests run on the mesh of all the devices (`mesh=` as `sample --mesh`), in batches of `batch_size`
-rows (rounded up to the mesh's batch shards) sorted longest first and padded to power-of-two length
-buckets: one compile per bucket. Scoring right-pads its rows (causal, so padding changes nothing
-before it), generation left-pads them (the sampler). One process; see README "Benchmarks".
+Requests run on the mesh of all the job's devices (`mesh=` as `sample --mesh`), in batches of
+`batch_size` rows (rounded up to whole rows per batch shard on each data group of processes, as
+`sample` does) sorted longest first and padded to power-of-two length buckets: one compile per
+bucket. Scoring right-pads its rows (causal, so padding changes nothing before it), generation
+left-pads them (the sampler).
+
+Several processes (`--distributed`): a jitted SPMD program must be called by every process with the
+same shapes, so every process builds every request (lm_eval sees one rank, `world_size` 1, on each)
+and runs every batch; each process feeds only its data group's rows of a batch to its devices
+(`generation.Layout`, `sharding.host_to_global`) and the scores are gathered back to all. A check
+first that every process holds the same requests (else one error everywhere, not a hang). The results
+are then the same on every process; `python -m gemma2_jax.benchmarks` sets lm_eval's `LOCAL_RANK`
+on processes other than 0 (its tensor-parallel convention), so that only process 0 returns them and
+writes the results file. The figures equal a one-process run on the same mesh and batch size.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -49,7 +60,8 @@ from tqdm import tqdm
 from gemma2_jax.data.chat import END_OF_TURN, generation_prefix, normalize, turn
 from gemma2_jax.data.tokenizer import PAD_ID, Tokenizer
 from gemma2_jax.errors import UserError
-from gemma2_jax.inference.sampler import Sampler, SamplingConfig, bucket_length, results
+from gemma2_jax.inference.generation import Layout, dtype_for
+from gemma2_jax.inference.sampler import Sampler, SamplingConfig, bucket_length
 from gemma2_jax.model.transformer import forward_hidden, logits_from_hidden
 
 DEFAULT_MAX_LENGTH = 8192  # Gemma 2's context (HFLM reads max_position_embeddings: 8192)
@@ -109,19 +121,15 @@ class Gemma2JaxLM(TemplateLM):
 
   model_args: checkpoint, tokenizer (default: `prompts.default_tokenizer(checkpoint)`), dtype
   (auto/float32/bfloat16; auto = float32 on CPU), cache_dtype (default: dtype), mesh (`sample
-  --mesh`), batch_size, max_length, max_gen_toks, add_bos_token, seed (sampling keys).
+  --mesh`), batch_size, max_length, max_gen_toks, add_bos_token, seed (sampling keys), progress
+  (progress bars, process 0's alone).
   """
 
   def __init__(self, checkpoint: str | None = None, *, tokenizer=None, dtype: str = "auto",
                cache_dtype: str | None = None, mesh: str | object = "", batch_size=DEFAULT_BATCH_SIZE,
-               max_length=None, max_gen_toks=None, add_bos_token=True, seed=0,
+               max_length=None, max_gen_toks=None, add_bos_token=True, seed=0, progress=True,
                sampler: Sampler | None = None, **unused):
     super().__init__()
-    from gemma2_jax.inference.generation import dtype_for
-
-    if jax.process_count() > 1:
-      raise HarnessError("the gemma2_jax lm-eval model runs in one process (one host's devices); "
-                         "several processes (--distributed) are not supported yet")
     if sampler is None:
       if not checkpoint:
         raise HarnessError("the gemma2_jax model needs checkpoint=PATH (or Gemma2JaxLM.from_params)")
@@ -134,12 +142,14 @@ class Gemma2JaxLM(TemplateLM):
     self.sampler, self.tok = sampler, tokenizer
     self.cfg, self.params, self.mesh = sampler.cfg, sampler.params, sampler.mesh
     self.cache_dtype = dtype_for(cache_dtype, "cache_dtype") if cache_dtype else self.cfg.dtype
-    self._batch_size = _int_or_default(batch_size, DEFAULT_BATCH_SIZE, "batch_size")
-    self._batch_size += -self._batch_size % sampler.rows_multiple
+    # One batch's rows as the processes feed them (one process: batch_size rounded up to the shards).
+    self.layout = Layout(sampler, _int_or_default(batch_size, DEFAULT_BATCH_SIZE, "batch_size"))
+    self._batch_size = self.layout.size
     self._max_length = _int_or_default(max_length, DEFAULT_MAX_LENGTH, "max_length")
     self._max_gen_toks = _int_or_default(max_gen_toks, DEFAULT_MAX_GEN_TOKS, "max_gen_toks")
     self.add_bos_token = _bool(add_bos_token)
     self.seed = int(seed)
+    self.progress = _bool(progress)
     sp = tokenizer.sp
     # The pieces HF's tokenizer reads as special tokens when written in the text.
     self._special = {sp.IdToPiece(i): i for i in range(sp.GetPieceSize())
@@ -147,6 +157,19 @@ class Gemma2JaxLM(TemplateLM):
     self._special_re = re.compile("|".join(map(re.escape, sorted(self._special, key=len,
                                                                   reverse=True))))
     self._bos_text = sp.IdToPiece(sp.bos_id())
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> Gemma2JaxLM:
+    """lm_eval's construction from --model_args and its own flags (batch_size, device, ...): a key
+    in both is the model_args' (lm_eval passes --batch_size's default 1 even when not given)."""
+    extra = {k: v for k, v in (additional_config or {}).items()
+             if v is not None and k not in arg_dict}
+    return cls(**arg_dict, **extra)
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None
+                             ) -> Gemma2JaxLM:
+    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
 
   @classmethod
   def from_params(cls, cfg, params, tokenizer, *, mesh=None, rules=None, dtype: str | None = None,
@@ -159,7 +182,7 @@ class Gemma2JaxLM(TemplateLM):
   @staticmethod
   def _load(path: str, tokenizer, dtype: str, mesh_spec):
     from gemma2_jax import checkpoint
-    from gemma2_jax.inference.generation import dtype_for, load_sampler, make_sampler_mesh
+    from gemma2_jax.inference.generation import load_sampler, make_sampler_mesh
     from gemma2_jax.inference.prompts import default_tokenizer
 
     cfg = checkpoint.read_config(path)
@@ -266,8 +289,9 @@ class Gemma2JaxLM(TemplateLM):
       if n < 1 or len(tokens) < 2:
         raise HarnessError("a scored row needs a context token and a continuation token")
       seqs.append((tokens, min(n, len(tokens) - 1)))
+    self._agree("score", ([*t, -n] for t, n in seqs))
     out = [None] * len(seqs)
-    bar = tqdm(total=len(seqs), desc="gemma2_jax loglikelihood", disable=disable_tqdm)
+    bar = tqdm(total=len(seqs), desc="gemma2_jax loglikelihood", disable=disable_tqdm or self._quiet())
     for batch in self._batches([len(t) - 1 for t, _ in seqs]):
       T = bucket_length(len(seqs[batch[0]][0]) - 1)
       inputs = np.full((self.batch_size, T), PAD_ID, np.int32)
@@ -286,15 +310,53 @@ class Gemma2JaxLM(TemplateLM):
     return out
 
   def _score(self, inputs_BT: np.ndarray, targets_BT: np.ndarray):
-    from gemma2_jax.parallel.sharding import activation_sharding
+    """score_tokens of a whole batch (every process passes all of it, feeds its group's rows)."""
+    from jax.experimental import multihost_utils
+
+    from gemma2_jax.parallel.sharding import activation_sharding, host_to_global
 
     T = inputs_BT.shape[1]
     if self.mesh is None:
       return jax.device_get(score_tokens(self.cfg, self.params, inputs_BT, targets_BT,
                                          min(T, SCORE_CHUNK)))
+    layout = self.layout
+    mine = slice(layout.index * layout.local, (layout.index + 1) * layout.local)
     with activation_sharding(self.mesh, self.sampler.rules):
-      placed = [jax.device_put(x, self.sampler.row_sharding) for x in (inputs_BT, targets_BT)]
-      return jax.device_get(score_tokens(self.cfg, self.params, *placed, min(T, SCORE_CHUNK)))
+      placed = [host_to_global(x[mine], self.sampler.row_sharding) for x in (inputs_BT, targets_BT)]
+      scored = score_tokens(self.cfg, self.params, *placed, min(T, SCORE_CHUNK))
+    # Global row r is the batch's row layout.order[r] (one process: the identity).
+    logprob_BT, greedy_BT = multihost_utils.process_allgather(scored, tiled=True)
+    order = np.asarray(layout.order)
+    out_logprob, out_greedy = np.empty_like(logprob_BT), np.empty_like(greedy_BT)
+    out_logprob[order], out_greedy[order] = logprob_BT, greedy_BT
+    return out_logprob, out_greedy
+
+  def _quiet(self) -> bool:
+    return not self.progress or jax.process_index() != 0
+
+  def use_params(self, params):
+    """Scores with `params` from now on (the same tree structure, shapes and shardings: e.g. a
+    training run's params at a later step); the compiled programs are reused."""
+    self.params = self.sampler.params = params
+
+  def _agree(self, what: str, items):
+    """Several processes: every one must hold the same requests (each reads the task data itself),
+    or their programs would differ and wait on each other forever; a HarnessError on all of them.
+    `items`: token lists or strings, hashed here, one digest exchanged."""
+    if jax.process_count() == 1:
+      return
+    from jax.experimental import multihost_utils
+
+    h = hashlib.sha256()
+    for item in items:
+      h.update(item.encode() if isinstance(item, str) else np.asarray(item, np.int64).tobytes())
+      h.update(b"\0")
+    digest = h.digest()
+    digests = multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))
+    other = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
+    if other:
+      raise HarnessError(f"process {other[0]} has other {what} requests than process 0: every "
+                         "process must read the same tasks, data and arguments")
 
   def _batches(self, lengths: Sequence[int]):
     """Indices longest first, in batches of at most batch_size rows of one length bucket each."""
@@ -315,8 +377,9 @@ class Gemma2JaxLM(TemplateLM):
     groups: dict[str, list[int]] = {}
     for i, (_, gen_kwargs) in enumerate(args):
       groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+    self._agree("generate_until", (json.dumps(a, sort_keys=True, default=str) for a in args))
     out = [None] * len(args)
-    bar = tqdm(total=len(args), desc="gemma2_jax generate_until", disable=disable_tqdm)
+    bar = tqdm(total=len(args), desc="gemma2_jax generate_until", disable=disable_tqdm or self._quiet())
     for idxs in groups.values():
       kwargs = normalize_gen_kwargs(dict(args[idxs[0]][1]), self.max_gen_toks)
       until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok.sp.IdToPiece(
@@ -329,10 +392,10 @@ class Gemma2JaxLM(TemplateLM):
         max_new_tokens=max_gen, temperature=0.0 if greedy else float(kwargs["temperature"]),
         top_k=kwargs.get("top_k") or None, top_p=kwargs.get("top_p"),
         stop_tokens=(self.eot_token_id,), cache_dtype=self.cache_dtype)
-      encoded = [self.tok_encode(args[i][0], left_truncate_len=self.max_length - max_gen)
-                 for i in idxs]
-      for batch in self._batches([len(e) for e in encoded]):
-        texts = self._generate([encoded[j] for j in batch], [idxs[j] for j in batch], sampling, until)
+      encoded = {i: self.tok_encode(args[i][0], left_truncate_len=self.max_length - max_gen)
+                 for i in idxs}
+      for batch in self._batches([len(encoded[i]) for i in idxs]):
+        texts = self._generate([idxs[j] for j in batch], encoded, sampling, until)
         for j, text in zip(batch, texts, strict=True):
           out[idxs[j]] = text
           self.cache_hook.add_partial("generate_until", args[idxs[j]], text)
@@ -340,20 +403,21 @@ class Gemma2JaxLM(TemplateLM):
     bar.close()
     return out
 
-  def _generate(self, prompts: list[list[int]], row_ids: list[int], sampling: SamplingConfig,
+  def _generate(self, rows: list[int], encoded: dict[int, list[int]], sampling: SamplingConfig,
                 until: list[str]) -> list[str]:
-    """One batch: decoded GEN_CHUNK tokens at a time until every row stopped (a stop token, or a stop
-    string in its text) or reached max_new_tokens; the texts cut at their first stop string."""
-    state = self.sampler.start(prompts, sampling, seed=self.seed, row_ids=row_ids,
-                               min_rows=self.batch_size)
+    """One batch, the requests `rows` (their indices seed their keys): decoded GEN_CHUNK tokens at a
+    time until every row stopped (a stop token, or a stop string in its text) or reached
+    max_new_tokens; the texts cut at their first stop string. Every process decides alike, from
+    the gathered tokens."""
+    state = self.layout.start(self.sampler, rows, encoded, sampling, self.seed)
     n = 0
     while True:
       n = min(n + GEN_CHUNK, sampling.max_new_tokens)
       state = self.sampler.continue_(state, sampling, until=n)
-      rows = results(state, len(prompts))
-      texts = [self.tok_decode(r.tokens) for r in rows]
+      done = self.layout.results(state, len(rows))
+      texts = [self.tok_decode(r.tokens) for r in done]
       if n == sampling.max_new_tokens or all(
           len(r.tokens) < n or (r.tokens and r.tokens[-1] in sampling.stop_tokens)
-          or any(s and s in t for s in until) for r, t in zip(rows, texts, strict=True)):
+          or any(s and s in t for s in until) for r, t in zip(done, texts, strict=True)):
         break
     return [postprocess_generated_text(t, until, None) for t in texts]

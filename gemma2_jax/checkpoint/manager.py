@@ -126,6 +126,17 @@ class TrainCheckpointer:
       files = list((self.directory / str(step) / "data").glob("process_*-of-*.json"))
     return int(files[0].stem.rsplit("-of-", 1)[1]) if files else 0
 
+  def saved_state_keys(self, step: int) -> set[str]:
+    """The top-level keys of the train state saved at `step` (e.g. whether it holds an EMA)."""
+    from gemma2_jax.checkpoint import orbax_io
+
+    state = self.directory / str(step) / "state"
+    with deadline(f"reading the metadata of checkpoint step {step}", state):
+      try:
+        return set(orbax_io.metadata(state))
+      except CheckpointError as e:
+        raise CheckpointError(self._unreadable(step, e)) from None
+
   def restore(self, step: int, abstract_state, data_iterator) -> Any:
     """Restores the state onto the shardings carried by `abstract_state` (any mesh).
 

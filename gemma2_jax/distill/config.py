@@ -22,6 +22,12 @@ class DistillConfig:
   `onpolicy_max_new_tokens` tokens at `onpolicy_temperature`, filtered by `onpolicy_top_k` (0: off) and
   `onpolicy_top_p` (1: off)), and the divergence is taken on the sampled tokens only. 0 = off-policy
   distillation on the data's responses (the same program as without the feature).
+
+  EMA anchor (WARP, Rame et al. 2024, stage 1; online distillation only): `anchor_kl_weight` > 0 adds
+  anchor_kl_weight * KL(P_S || P_EMA) to the objective, P_EMA the distribution of the student's own
+  EMA (train.ema_decay, required), at temperature 1, token-weighted like the other terms and logged as
+  `anchor_kl`. The reverse direction, as in RLHF's KL(policy || reference): the anchor gets no
+  gradient. 0 = off (the same program as without the feature).
   """
 
   loss: DistillLoss = "soft_ce"
@@ -37,6 +43,7 @@ class DistillConfig:
   onpolicy_temperature: float = 1.0
   onpolicy_top_k: int = 0
   onpolicy_top_p: float = 1.0
+  anchor_kl_weight: float = 0.0
 
   def __post_init__(self):
     checks = [
@@ -49,6 +56,7 @@ class DistillConfig:
       (self.onpolicy_top_k >= 0, f"onpolicy_top_k must be >= 0 (0 = off), got {self.onpolicy_top_k}"),
       (0.0 < self.onpolicy_top_p <= 1.0,
        f"onpolicy_top_p must be in (0, 1] (1 = off), got {self.onpolicy_top_p}"),
+      (self.anchor_kl_weight >= 0, f"anchor_kl_weight must be >= 0 (0 = off), got {self.anchor_kl_weight}"),
       (self.loss in DISTILL_LOSSES, f"loss must be one of {DISTILL_LOSSES}, got {self.loss!r}"),
       (0.0 <= self.beta <= 1.0, f"beta must be in [0, 1], got {self.beta}"),
       (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),

@@ -188,12 +188,13 @@ def _sparse_teacher(cfg: ModelConfig, ids_Bck, logp_Bck, *, tail: bool) -> _Teac
 
 def _token_sums(cfg: ModelConfig, embedding_VD, hidden_BcD, targets_Bc, weights_Bc,
                 teacher: _Teacher, *, loss: str, beta: float, temperature, alpha, z_loss: float,
-                metrics: bool) -> dict:
+                metrics: bool, anchor: _Teacher | None = None) -> dict:
   """The one per-chunk loss: weighted sums of the distillation and hard-label terms of one chunk.
 
   loss = alpha * kd + (1 - alpha) * nll, kd = temperature^2 * D(P_T^(temp) || P_S^(temp)) (Hinton's
   T^2 keeps the gradient scale of the soft term independent of the temperature). With `metrics`: KL at
-  temperature 1 (`kl`), the teacher's NLL of the targets, top-1 agreement of the argmaxes.
+  temperature 1 (`kl`), the teacher's NLL of the targets, top-1 agreement of the argmaxes. With an
+  `anchor`: `anchor_kl`, KL(P_S || P_anchor) at temperature 1 (not part of `loss`).
   """
   logits_BcV = logits_from_hidden(cfg, embedding_VD, hidden_BcD)
   w_Bc = weights_Bc.astype(logits_BcV.dtype)
@@ -215,6 +216,8 @@ def _token_sums(cfg: ModelConfig, embedding_VD, hidden_BcD, targets_Bc, weights_
     out["agree"] = wsum(top1_Bc == teacher.top1_Bc)
   if z_loss:
     out["z_loss"] = z_loss * wsum(jnp.square(lse_Bc))
+  if anchor is not None:
+    out["anchor_kl"] = wsum(divergence("reverse_kl", *anchor.buckets(logits_BcV, 1.0)))
   return out
 
 
@@ -252,14 +255,17 @@ def cross_entropy_sums(cfg: ModelConfig, embedding_VD, hidden_BTD, targets_BT, w
 def distill_sums(student_cfg: ModelConfig, student_embedding_VD, student_hidden_BTD,
                  teacher_cfg: ModelConfig, teacher_embedding_VD, teacher_hidden_BTD, targets_BT,
                  weights_BT, *, loss: DistillLoss = "soft_ce", beta: float = 0.5, temperature=1.0,
-                 alpha=1.0, chunk_size: int = 1024, z_loss: float = 0.0) -> dict:
+                 alpha=1.0, chunk_size: int = 1024, z_loss: float = 0.0,
+                 anchor_embedding_VD=None, anchor_hidden_BTD=None) -> dict:
   """Distillation from a teacher model's final hidden states, both logits built per chunk.
 
   Returns weighted sums: `loss` (alpha * kd + (1 - alpha) * nll: differentiate this), `kd`
   (temperature^2 * D at the temperature), `nll` (student CE of the targets), `correct`, `teacher_nll`,
   `kl` (forward KL at temperature 1), `agree` (student argmax == teacher argmax), `weight`, and
   `z_loss` when asked. `temperature` and `alpha` may be traced (schedules); `loss`, `beta` are static.
-  The teacher gets no gradient.
+  The teacher gets no gradient. With the anchor's embedding and hidden states (a model of the student's
+  config: its EMA, WARP's KL anchor), also `anchor_kl` = KL(P_S || P_anchor) at temperature 1, its
+  logits built per chunk like the teacher's; the anchor gets no gradient.
   """
   _check_kd_args(loss, beta, temperature, alpha)
   if teacher_cfg.vocab_size != student_cfg.vocab_size:
@@ -272,14 +278,20 @@ def distill_sums(student_cfg: ModelConfig, student_embedding_VD, student_hidden_
   student_embedding_VD = _vocab_parallel(student_embedding_VD)
   teacher_embedding_VD = _vocab_parallel(teacher_embedding_VD)
 
-  def fn(hidden_BcD, targets_Bc, weights_Bc, teacher_hidden_BcD):
+  anchored = anchor_hidden_BTD is not None
+  if anchored:
+    anchor_embedding_VD = _vocab_parallel(anchor_embedding_VD)
+
+  def fn(hidden_BcD, targets_Bc, weights_Bc, teacher_hidden_BcD, *anchor_hidden_BcD):
     teacher = _dense_teacher(logits_from_hidden(teacher_cfg, teacher_embedding_VD, teacher_hidden_BcD))
+    anchor = (_dense_teacher(logits_from_hidden(student_cfg, anchor_embedding_VD, anchor_hidden_BcD[0]))
+              if anchored else None)
     return _token_sums(student_cfg, student_embedding_VD, hidden_BcD, targets_Bc, weights_Bc, teacher,
                        loss=loss, beta=beta, temperature=temperature, alpha=alpha, z_loss=z_loss,
-                       metrics=True)
+                       metrics=True, anchor=anchor)
 
   return _chunk_over_batch(fn, chunk_size, student_hidden_BTD, targets_BT, weights_BT,
-                           teacher_hidden_BTD)
+                           teacher_hidden_BTD, *((anchor_hidden_BTD,) if anchored else ()))
 
 
 def topk_distill_sums(student_cfg: ModelConfig, student_embedding_VD, student_hidden_BTD,

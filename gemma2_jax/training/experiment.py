@@ -28,6 +28,7 @@ from gemma2_jax.parallel.sharding import (
   normalize_rules,
   resolve_mesh_shape,
 )
+from gemma2_jax.training.benchmark_hook import BenchmarksConfig
 from gemma2_jax.training.optim import OptimizerConfig
 
 TOP_LEVEL = ("model", "mesh", "sharding_rules", "optimizer", "train", "data", "init_from", "checkpoint",
@@ -55,6 +56,16 @@ class TrainConfig:
   profile_steps: int = 3
   peak_tflops_per_device: float = 0.0  # 0 = look up the device kind (unknown kinds: no MFU)
   progress_bar: bool = True
+  # An exponential moving average of the weights (a LoRA run: of its trainable tree), kept in the train
+  # state and checkpointed: ema <- ema_decay * ema + (1 - ema_decay) * params after every step (optax /
+  # Flax / timm convention; WARP's mu = 0.01 is ema_decay = 0.99). 0 = off. The decay ramps linearly
+  # from 0 at step 0 to ema_decay at step ema_warmup_steps (0 = no ramp). The end of the run exports
+  # it beside the weights (hf_step<N>_ema); eval_ema also evaluates it (eval_ema_loss, eval_ema/<set>/...).
+  ema_decay: float = 0.0
+  ema_warmup_steps: int = 0
+  eval_ema: bool = False
+  # Periodic lm-eval benchmarks on the training params (training/benchmark_hook.py); off by default.
+  benchmarks: BenchmarksConfig = BenchmarksConfig()
 
   def __post_init__(self):
     for name in ("steps", "global_batch", "seq_len", "grad_accum_steps", "loss_chunk", "log_every",
@@ -63,7 +74,13 @@ class TrainConfig:
         raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
     if self.nonfinite not in ("stop", "skip"):
       raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
-
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off; WARP's mu 0.01 is 0.99), got "
+                        f"{self.ema_decay}")
+    if self.ema_warmup_steps < 0:
+      raise ConfigError(f"train.ema_warmup_steps must be >= 0, got {self.ema_warmup_steps}")
+    if self.eval_ema and not self.ema_decay:
+      raise ConfigError("train.eval_ema needs an EMA to evaluate: set train.ema_decay > 0 (e.g. 0.99)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +109,11 @@ class Experiment:
     if self.distill is None:
       return "ce"
     return "offline" if self.offline_paths else "online"
+
+  @property
+  def anchored(self) -> bool:
+    """Whether the student's EMA is a KL anchor of the objective (WARP; distill.anchor_kl_weight)."""
+    return self.distill is not None and self.distill.anchor_kl_weight > 0
 
   def to_json_dict(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self), default=list))
@@ -180,9 +202,11 @@ def _eval_sets(d: dict | None, shape: dict) -> dict[str, DataConfig]:
   return sets
 
 
-def eval_metric_name(set_name: str, metric: str) -> str:
-  """The logged name of an eval set's metric (`metric` as `run_eval` returns it: eval_loss, ...)."""
-  return metric if not set_name else f"eval/{set_name}/{metric.removeprefix('eval_')}"
+def eval_metric_name(set_name: str, metric: str, *, ema: bool = False) -> str:
+  """The logged name of an eval set's metric (`metric` as `run_eval` returns it: eval_loss, ...);
+  `ema`: of the EMA weights (train.eval_ema): eval_ema_loss, eval_ema/<set>/loss."""
+  name = metric if not set_name else f"eval/{set_name}/{metric.removeprefix('eval_')}"
+  return "eval_ema" + name.removeprefix("eval") if ema else name
 
 
 def from_config(config, *, num_devices: int, num_slices: int = 1) -> Experiment:
@@ -196,8 +220,14 @@ def from_config(config, *, num_devices: int, num_slices: int = 1) -> Experiment:
   if missing:
     raise ConfigError(f"config lacks the {missing[0]!r} section")
   model = typed(ModelConfig, "model", c["model"])
-  train = typed(TrainConfig, "train", c["train"])
+  train_values = dict(c["train"])
+  benchmarks = typed(BenchmarksConfig, "train.benchmarks", dict(train_values.pop("benchmarks", None) or {}))
+  train = typed(TrainConfig, "train", train_values, benchmarks=benchmarks)
   optimizer = typed(OptimizerConfig, "optimizer", c.get("optimizer", {}))
+  try:
+    optimizer.check_param_dtype(model.param_dtype)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   ckpt = typed(CheckpointConfig, "checkpoint", c.get("checkpoint", {}))
 
   mesh_sizes = dict(c.get("mesh", {"fsdp": -1}))
@@ -258,6 +288,13 @@ def from_config(config, *, num_devices: int, num_slices: int = 1) -> Experiment:
   data_eval = _eval_sets(data.get("eval"), shape)
   if distill is not None and distill.onpolicy_lambda > 0:
     _check_onpolicy(distill, teacher, data_train, train)
+  if distill is not None and distill.anchor_kl_weight > 0:
+    if teacher is None:
+      raise ConfigError("distill.anchor_kl_weight > 0 needs online distillation (teacher.checkpoint): "
+                        "the EMA anchor's KL is taken beside the teacher's, inside the step")
+    if not train.ema_decay:
+      raise ConfigError("distill.anchor_kl_weight > 0 needs the student's EMA as its anchor: set "
+                        "train.ema_decay > 0 (WARP: 0.99)")
   init_from = str(c.get("init_from") or "")
   lora = _lora_config(c.get("lora"), model, init_from)
   return Experiment(model=model, mesh=mesh, rules=rules, optimizer=optimizer, train=train,
@@ -325,7 +362,8 @@ def base_config(model: ModelConfig, **train):
   c.mesh = {"dcn": 0, "data": 1, "fsdp": -1, "tensor": 1}  # dcn 0: one per slice (TPU multislice)
   c.sharding_rules = [list(r) for r in DEFAULT_RULES]
   c.optimizer = dataclass_defaults(OptimizerConfig)
-  c.train = dataclass_defaults(TrainConfig, **train)
+  c.train = {**dataclass_defaults(TrainConfig, **train), "benchmarks": ml_collections.ConfigDict(
+    dataclass_defaults(BenchmarksConfig), type_safe=False)}
   c.data = ml_collections.ConfigDict({"tokenizer": "", "train": data_defaults, "eval": None},
                                      type_safe=False)
   c.init_from = ""

@@ -60,7 +60,7 @@ class StepFlops:
   included (the chips compute it); sampling: per token the student generated on-policy."""
 
   student: float  # forward + backward per slot
-  teacher: float = 0.0  # the online teacher's forward per slot
+  teacher: float = 0.0  # the frozen forwards per slot: the online teacher's, the EMA anchor's
   sample: float = 0.0  # one decode forward per generated token
 
   def total(self, slots: float, generated: float = 0.0) -> float:
@@ -80,14 +80,16 @@ def lora_train_flops_per_token(cfg: ModelConfig, seq_len: int, lora: LoraConfig)
 
 
 def step_flops(model: ModelConfig, seq_len: int, teacher: ModelConfig | None = None,
-               onpolicy: bool = False, lora: LoraConfig | None = None) -> StepFlops:
+               onpolicy: bool = False, lora: LoraConfig | None = None,
+               anchor: bool = False) -> StepFlops:
   """The StepFlops of training `model` on rows of seq_len (with an online `teacher`, on-policy
-  sampling, as a LoRA student); a generated token's forward is counted as one of a row's tokens
-  (attention over the mean causal context)."""
+  sampling, as a LoRA student, with the student's EMA as a KL anchor: one more forward of the
+  student); a generated token's forward is counted as one of a row's tokens (attention over the
+  mean causal context)."""
   forward = forward_flops_per_token(model, seq_len)
   student = 3 * forward if lora is None else lora_train_flops_per_token(model, seq_len, lora)
-  return StepFlops(student=student,
-                   teacher=forward_flops_per_token(teacher, seq_len) if teacher is not None else 0.0,
+  frozen = forward_flops_per_token(teacher, seq_len) if teacher is not None else 0.0
+  return StepFlops(student=student, teacher=frozen + (forward if anchor else 0.0),
                    sample=forward if onpolicy else 0.0)
 
 

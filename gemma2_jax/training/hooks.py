@@ -149,7 +149,8 @@ class MetricsLogger:
 
 class Evaluator:
   """Eval every `every` steps (not at the last: the final eval follows the final save) and at the end;
-  its metrics go to metrics.jsonl under the step they are reported at. every=0: only the final one."""
+  its metrics go to metrics.jsonl under the step they are reported at. every=0: only the final one.
+  `evaluate` takes what the loop passes (Trainer.evaluate_state: the train state)."""
 
   def __init__(self, evaluate: Callable[..., dict], writer: MetricsWriter, *, every: int, steps: int,
                enabled: bool):
@@ -159,14 +160,14 @@ class Evaluator:
   def due(self, done: int) -> bool:
     return bool(self.enabled and self.every and done % self.every == 0 and done < self.steps)
 
-  def __call__(self, done: int, params):
+  def __call__(self, done: int, state):
     if self.due(done):
-      self.writer.write(done, self.evaluate(params))
+      self.writer.write(done, self.evaluate(state))
 
-  def final(self, params) -> dict:
+  def final(self, state) -> dict:
     if not self.enabled:
       return {}
-    ev = self.evaluate(params)
+    ev = self.evaluate(state)
     self.writer.write(self.steps, ev)
     return ev
 
@@ -253,15 +254,23 @@ class Checkpointer:
 class HFExport:
   """At the end of a finished run: the params as a Hugging Face checkpoint in workdir/hf_step{steps}
   (`lora_run`, a LoRA run's experiment: the merged weights, and the adapter as PEFT in
-  workdir/peft_step{steps}: training/lora.py)."""
+  workdir/peft_step{steps}: training/lora.py), and the EMA's (train.ema_decay) beside them in
+  hf_step{steps}_ema (a LoRA run: also peft_step{steps}_ema, the EMA of the adapter)."""
 
   def __init__(self, workdir, model_cfg, *, steps: int, enabled: bool, lora_run=None):
     self.workdir, self.model_cfg, self.steps, self.enabled = workdir, model_cfg, steps, enabled
     self.lora_run = lora_run
 
-  def __call__(self, params) -> dict:
+  def __call__(self, params, ema=None) -> dict:
     if not self.enabled:
       return {}
+    out = self._export(params, "")
+    if ema is not None:
+      out.update({f"{k}_ema": v for k, v in self._export(ema, "_ema").items()})
+    return out
+
+  def _export(self, params, suffix: str) -> dict:
     if self.lora_run is not None:
-      return lora_export(params, self.lora_run, self.workdir, self.steps)
-    return {"hf_export": str(export_hf(params, self.model_cfg, self.workdir / f"hf_step{self.steps}"))}
+      return lora_export(params, self.lora_run, self.workdir, self.steps, suffix)
+    return {"hf_export": str(export_hf(params, self.model_cfg,
+                                       self.workdir / f"hf_step{self.steps}{suffix}"))}

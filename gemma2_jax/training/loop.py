@@ -23,9 +23,10 @@ from gemma2_jax.parallel.sharding import (
   make_mesh,
 )
 from gemma2_jax.training import flops, lora, modes, programs
+from gemma2_jax.training.benchmark_hook import BenchmarkHook
 from gemma2_jax.training.experiment import Experiment, dataclass_defaults, eval_metric_name
 from gemma2_jax.training.hooks import Checkpointer, Evaluator, HFExport, MetricsLogger, Profiler
-from gemma2_jax.training.state import TrainState, abstract_state, init_state, to_global
+from gemma2_jax.training.state import TrainState, abstract_state, init_state, start_ema, to_global
 
 
 class TrainingDiverged(UserError):
@@ -57,17 +58,22 @@ class Trainer:
     with deadline(*self.mode.loading()):  # the frozen inputs: the teacher, a LoRA run's base
       self.teacher_params = self.mode.load_teacher(self.mesh)
     self.eval_iters = {}  # eval set name -> its iterator, built at the first eval
+    # lm-eval tasks every train.benchmarks.every steps (an unknown task or YAML fails here)
+    self.bench = BenchmarkHook(exp.train.benchmarks, exp.model, exp.tokenizer, mesh=self.mesh,
+                               rules=exp.rules)
     self.flops = flops.step_flops(exp.model, exp.train.seq_len, teacher=self.mode.teacher_cfg,
-                                  onpolicy=self.mode.sampling is not None, lora=exp.lora)
+                                  onpolicy=self.mode.sampling is not None, lora=exp.lora,
+                                  anchor=exp.anchored)
     self.peak = flops.peak_flops_per_device(exp.train.peak_tflops_per_device * 1e12)
 
   def global_batch(self, host_batch: dict) -> dict:
     """This process's rows -> the train program's global batch (the mode's keys and dtypes)."""
     return to_global(self.mode.batch.host(host_batch), self.sh)
 
-  def evaluate(self, params) -> dict:
+  def evaluate(self, params, ema_params=None) -> dict:
     """Every eval set's metrics (`experiment.eval_metric_name`); each set's iterator (and so its
-    index of the data) is built once, at the first eval, and rewound for the next."""
+    index of the data) is built once, at the first eval, and rewound for the next. `ema_params`:
+    also the EMA's metrics (train.eval_ema), on the same batches."""
     from gemma2_jax.data.pipeline import make_eval_iterator
     from gemma2_jax.training.evaluation import run_eval
 
@@ -83,10 +89,20 @@ class Trainer:
             process_count=group.count, **self.data_kw)
       else:
         it.rewind()
-      ev = run_eval(self.eval_step, params, bounded(it, f"reading the eval data {name!r}", source),
-                    lambda b: to_global(b, self.sh), max_batches=self.exp.train.eval_batches)
-      out.update({eval_metric_name(name, k): v for k, v in ev.items()})
+      for ema, p in ((False, params), (True, ema_params)):
+        if p is None:
+          continue
+        if ema:  # the same batches as the params'
+          it.rewind()
+        ev = run_eval(self.eval_step, p, bounded(it, f"reading the eval data {name!r}", source),
+                      lambda b: to_global(b, self.sh), max_batches=self.exp.train.eval_batches)
+        out.update({eval_metric_name(name, k, ema=ema): v for k, v in ev.items()})
     return out
+
+  def evaluate_state(self, state) -> dict:
+    """`evaluate` of a train state: its params, and its EMA with train.eval_ema."""
+    ema = self.ema_model_params(state) if self.exp.train.eval_ema else None
+    return self.evaluate(self.model_params(state), ema)
 
   def _check_workdir(self):
     """A workdir belongs to one model: refuse (before touching anything) to mix runs.
@@ -148,14 +164,34 @@ class Trainer:
     return dataclasses.replace(exp, optimizer=dataclasses.replace(opt, decay_steps=was))
 
   def restore_or_init(self, ckpt: TrainCheckpointer) -> TrainState:
-    """The one place that decides where training starts: workdir checkpoint > init_from > scratch."""
+    """The one place that decides where training starts: workdir checkpoint > init_from > scratch.
+
+    A checkpoint is read as it was saved, with or without an EMA. train.ema_decay switched on for a
+    run whose checkpoint has none starts the EMA at the restored params; switched off, drops it
+    (each says so on stderr).
+    """
     step = ckpt.latest_step()
     if step is None:
       if not self.exp.init_from:
         return init_state(self.exp, self.tx, self.sh)
       with deadline("loading the init_from weights", self.exp.init_from):
         return init_state(self.exp, self.tx, self.sh)
-    return ckpt.restore(step, abstract_state(self.exp, self.tx, self.sh), self.train_iter)
+    want = bool(self.exp.train.ema_decay)
+    saved = "ema" in ckpt.saved_state_keys(step)
+    state = ckpt.restore(step, abstract_state(self.exp, self.tx, self.sh, ema=saved), self.train_iter)
+    if want and not saved:
+      self._note(f"note: checkpoint step {step} has no EMA of the weights: train.ema_decay "
+                 f"{self.exp.train.ema_decay:g} starts it at that step's params")
+      return start_ema(state, self.sh)
+    if saved and not want:
+      self._note(f"note: checkpoint step {step} holds an EMA of the weights; train.ema_decay is 0: "
+                 "it is dropped (its next checkpoint has none)")
+      return state.replace(ema=None)
+    return state
+
+  def _note(self, line: str):
+    if jax.process_index() == 0:
+      print(line, file=sys.stderr)
 
   def run(self) -> dict:
     """Trains from where restore_or_init starts to train.steps; returns the summary: start_step, then
@@ -190,7 +226,7 @@ class Trainer:
     """The steps from `start`, then (unless preempted) the final save, the final eval and the export."""
     exp, tcfg = self.exp, self.exp.train
     profiler = Profiler(str(self.workdir / "profile"), tcfg.profile_start, tcfg.profile_steps)
-    evaluator = Evaluator(self.evaluate, logger.writer, every=tcfg.eval_every, steps=tcfg.steps,
+    evaluator = Evaluator(self.evaluate_state, logger.writer, every=tcfg.eval_every, steps=tcfg.steps,
                           enabled=bool(exp.data_eval))
     saver = Checkpointer(ckpt, self.train_iter, exp.to_json_dict(), save_every=exp.checkpoint.save_every,
                          steps=tcfg.steps, stop_requested=preempted, check_finite=self._check_finite)
@@ -203,11 +239,14 @@ class Trainer:
       if late is not None:
         logger(*late)
       late = (step, metrics)
-      if evaluator.due(step + 1) or saver.due(step + 1):
+      if evaluator.due(step + 1) or saver.due(step + 1) or self.bench.due(step + 1):
         jax.block_until_ready(state)  # the step's own time stays in the step-time window
       if evaluator.due(step + 1):
         with logger.paused("eval"):  # the params of exactly step + 1 updates, labelled so
-          evaluator(step + 1, self.model_params(state))
+          evaluator(step + 1, state)
+      if self.bench.due(step + 1):  # before the next step is dispatched (it donates the state)
+        with logger.paused("eval"):
+          logger.writer.write(step + 1, self.bench(step + 1, self.model_params(state)))
       with logger.paused("save"):
         preempted_now = saver(step + 1, state, metrics)
       if preempted_now:
@@ -219,8 +258,9 @@ class Trainer:
       saver.final(state)
     summary.update(logger.last)
     with logger.paused("eval"):
-      summary.update(evaluator.final(self.model_params(state)))
-    summary.update(export(self.model_params(state)))
+      summary.update(evaluator.final(state))
+    summary.update(self.bench.last)
+    summary.update(export(self.model_params(state), ema=self.ema_model_params(state)))
     summary.update(logger.times())
     return state, summary
 
@@ -237,6 +277,10 @@ class Trainer:
   def model_params(self, state):
     """What evaluation and the export take: the params (a LoRA run's: with its frozen base)."""
     return self.mode.model_params(state.params, self.teacher_params)
+
+  def ema_model_params(self, state):
+    """`model_params` of the state's EMA (None without one)."""
+    return None if state.ema is None else self.mode.model_params(state.ema, self.teacher_params)
 
   def _dispatch(self, state, batch: dict):
     """One train step on a host batch, dispatched, not waited for: (new state, metrics on device)."""

@@ -195,10 +195,11 @@ class MergedSlices:
     return out if dtype is None else out.astype(dtype)
 
 
-def export(model_params: dict, exp: Experiment, workdir, steps: int) -> dict:
-  """The end of a LoRA run: the adapter as PEFT (`peft_step<N>`; the embedding / norms that trained
-  as modules_to_save, whole) and the merged weights as HF safetensors (`hf_step<N>`, in
-  lora.base_dtype). A finished run re-run finds both written and writes nothing."""
+def export(model_params: dict, exp: Experiment, workdir, steps: int, suffix: str = "") -> dict:
+  """The end of a LoRA run: the adapter as PEFT (`peft_step<N><suffix>`; the embedding / norms that
+  trained as modules_to_save, whole) and the merged weights as HF safetensors (`hf_step<N><suffix>`,
+  in lora.base_dtype; suffix "_ema": the EMA's). A finished run re-run finds both written and writes
+  nothing."""
   from jax.experimental import multihost_utils
 
   from gemma2_jax.checkpoint.export import export_hf
@@ -208,7 +209,7 @@ def export(model_params: dict, exp: Experiment, workdir, steps: int) -> dict:
   cfg, lc = exp.model, exp.lora
   base, trainable = model_params["base"], model_params["trainable"]
   mesh = jax.tree.leaves(trainable)[0].sharding.mesh
-  path = workdir / f"peft_step{steps}"
+  path = workdir / f"peft_step{steps}{suffix}"
   with deadline("checking the PEFT export", path):
     here = path.exists()
   if not bool(multihost_utils.broadcast_one_to_all(np.int32(here))):
@@ -234,5 +235,5 @@ def export(model_params: dict, exp: Experiment, workdir, steps: int) -> dict:
 
   flat = jax.tree_util.tree_flatten_with_path(base, is_leaf=quant.is_quantized)[0]
   merged = lora.nest((p, leaf(p, value)) for p, value in ((tuple(k.key for k in kp), v) for kp, v in flat))
-  hf_path = export_hf(merged, cfg.replace(param_dtype=lc.base_dtype), workdir / f"hf_step{steps}")
+  hf_path = export_hf(merged, cfg.replace(param_dtype=lc.base_dtype), workdir / f"hf_step{steps}{suffix}")
   return {"hf_export": str(hf_path), "peft_export": str(path)}

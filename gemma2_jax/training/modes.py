@@ -1,8 +1,9 @@
 """Training modes: cross-entropy, online distillation (on-policy is its sampling option) and offline
 distillation from stored teacher top-k. A mode is everything a step needs that differs between them:
 its batch spec (`batch`), its data iterator (`train_iterator`), its extra inputs (`teacher_inputs`,
-`load_teacher`: the frozen teacher), its loss (`objective`, whose sums METRIC_NAMES names) and, for
-on-policy distillation, the student's `sampling` inside the step.
+`load_teacher`: the frozen teacher), its loss (`objective`, whose sums METRIC_NAMES names; `anchor`:
+the student's EMA when distill.anchor_kl_weight > 0) and, for on-policy distillation, the student's
+`sampling` inside the step.
 
 A new objective is one more subclass here; the program builder (training/programs.py), the loop and
 `aot` take it as they are. `LoraMode` wraps any of them for a LoRA / QLoRA student.
@@ -34,7 +35,7 @@ from gemma2_jax.training.experiment import ConfigError, Experiment
 # The step's summed statistics -> the metric each is logged as (divided by the token weight). The one
 # table of metric names: losses and the eval step name their sums, the trainer logs these.
 METRIC_NAMES = {"nll": "ce", "kd": "kd", "teacher_nll": "teacher_ce", "kl": "kl_t1",
-                "agree": "top1_agreement", "z_loss": "z_loss"}
+                "agree": "top1_agreement", "z_loss": "z_loss", "anchor_kl": "anchor_kl"}
 # Per-step raw sums of on-policy steps (rows with a response, rows the student answered, tokens it
 # wrote): the loop turns them into rates over each log window.
 ONPOLICY_SUMS = ("rows", "gen_rows", "gen_tokens")
@@ -124,8 +125,9 @@ class Mode:
     t = self.exp.teacher
     return "loading the teacher's weights", t.checkpoint if t else ""
 
-  def objective(self, params, batch, teacher_params, step):
-    """(scalar to differentiate, summed statistics) of one micro-batch."""
+  def objective(self, params, batch, teacher_params, step, anchor=None):
+    """(scalar to differentiate, summed statistics) of one micro-batch. `anchor`: the EMA params the
+    step passes when distill.anchor_kl_weight > 0 (only online distillation takes it)."""
     t = self.exp.train
     sums = loss_sums(self.exp.model, params, batch, chunk=t.loss_chunk, z_loss=t.z_loss)
     return sums["nll"] + sums.get("z_loss", 0.0), sums
@@ -185,14 +187,23 @@ class OnlineKD(_Distill):
     exp = self.exp
     return load_teacher(exp.teacher, self.teacher_cfg, exp.rules, mesh)
 
-  def objective(self, params, batch, teacher_params, step):
+  def objective(self, params, batch, teacher_params, step, anchor=None):
+    """With `anchor` (the student's EMA: WARP's KL anchor), `loss` also holds
+    distill.anchor_kl_weight * KL(P_S || P_EMA) (distill/config.py)."""
     teacher_params = jax.lax.stop_gradient(teacher_params)
     teacher_hidden_BTD = forward_hidden(self.teacher_cfg, teacher_params, batch["tokens"],
                                         batch["positions"], batch["segment_ids"])
+    anchor_kw = {}
+    if anchor is not None:
+      anchor = jax.lax.stop_gradient(anchor)
+      anchor_kw = dict(anchor_embedding_VD=anchor["embedder"]["input_embedding"],
+                       anchor_hidden_BTD=self._student_hidden(anchor, batch))
     sums = distill_sums(self.exp.model, params["embedder"]["input_embedding"],
                         self._student_hidden(params, batch), self.teacher_cfg,
                         teacher_params["embedder"]["input_embedding"], teacher_hidden_BTD,
-                        batch["targets"], batch["loss_mask"], **self._kd_kwargs(step))
+                        batch["targets"], batch["loss_mask"], **self._kd_kwargs(step), **anchor_kw)
+    if anchor is not None:
+      sums["loss"] = sums["loss"] + self.exp.distill.anchor_kl_weight * sums["anchor_kl"]
     return sums["loss"] + sums.get("z_loss", 0.0), sums
 
 
@@ -218,7 +229,7 @@ class OfflineKD(_Distill):
                                  seed=d.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, k=self.k,
                                  process_index=group.index, process_count=group.count)
 
-  def objective(self, params, batch, teacher_params, step):
+  def objective(self, params, batch, teacher_params, step, anchor=None):
     sums = topk_distill_sums(self.exp.model, params["embedder"]["input_embedding"],
                              self._student_hidden(params, batch), batch["topk_logprobs"],
                              batch["topk_ids"], batch["targets"], batch["loss_mask"],
@@ -258,9 +269,12 @@ class LoraMode(Mode):
     return ("loading the LoRA base (init_from)" + (f" and {what.removeprefix('loading ')}" if path else ""),
             ", ".join(p for p in (self.exp.init_from, path) if p))
 
-  def objective(self, params, batch, inputs, step):
+  def objective(self, params, batch, inputs, step, anchor=None):
     exp = self.exp
     effective = effective_params(exp.model, exp.lora, inputs["base"], params, lora.dropout_key(exp, step))
+    if anchor is not None:  # the EMA of the trainable tree, on the same base (no dropout)
+      anchor = effective_params(exp.model, exp.lora, inputs["base"], anchor)
+      return self.inner.objective(effective, batch, inputs["teacher"], step, anchor=anchor)
     return self.inner.objective(effective, batch, inputs["teacher"], step)
 
   def model_params(self, params, inputs):

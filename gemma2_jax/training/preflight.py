@@ -187,7 +187,8 @@ def flops_report(exp, traced, compiled, num_devices: int, teacher_cfg=None) -> l
 
 def model_flops_per_chip(exp, num_devices: int, teacher_cfg=None) -> float:
   """The model FLOPs of one train step per chip that the trainer's `mfu` counts (sampling aside)."""
-  step = flops.step_flops(exp.model, exp.train.seq_len, teacher=teacher_cfg, lora=exp.lora)
+  step = flops.step_flops(exp.model, exp.train.seq_len, teacher=teacher_cfg, lora=exp.lora,
+                          anchor=exp.anchored)
   return step.total(exp.train.global_batch * exp.train.seq_len) / num_devices
 
 

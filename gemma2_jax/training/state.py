@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,11 +21,31 @@ from gemma2_jax.training import lora
 from gemma2_jax.training.experiment import Experiment
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
+  """`ema`: the exponential moving average of `params` (train.ema_decay > 0, see steps.py), the same
+  tree, dtype and shardings; None when off. A None `ema` is no node of the pytree at all, so a run
+  without EMA saves and restores exactly the checkpoints it did before the field existed."""
+
   step: jax.Array
   params: dict
   opt_state: optax.OptState
+  ema: dict | None = None
+
+  def replace(self, **changes) -> TrainState:
+    return dataclasses.replace(self, **changes)
+
+
+def _flatten(s: TrainState):
+  names = ("step", "params", "opt_state") + (("ema",) if s.ema is not None else ())
+  return tuple((jax.tree_util.GetAttrKey(n), getattr(s, n)) for n in names), s.ema is not None
+
+
+def _unflatten(has_ema: bool, children) -> TrainState:
+  return TrainState(*children) if has_ema else TrainState(*children, ema=None)
+
+
+jax.tree_util.register_pytree_with_keys(TrainState, _flatten, _unflatten)
 
 
 @dataclasses.dataclass
@@ -46,11 +65,16 @@ def state_shardings(exp: Experiment, mesh, tx) -> Shardings:
     params = logical_to_sharding(LOGICAL_AXES, mesh, exp.rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_params = _abstract_params(exp)
+  # A state leaf shaped like its param is sharded like it; any other (Adafactor's factored row and
+  # column statistics: a few MB for the 9B) is replicated.
   opt_state = optax.tree_utils.tree_map_params(
-    tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
+    tx, lambda leaf, p, s: s if leaf.shape == p.shape else replicated,
+    jax.eval_shape(tx.init, abstract_params), abstract_params, params,
     transform_non_params=lambda _: replicated)
   batch = batch_sharding(mesh, exp.rules)
-  return Shardings(mesh=mesh, state=TrainState(step=replicated, params=params, opt_state=opt_state),
+  ema = params if exp.train.ema_decay else None
+  return Shardings(mesh=mesh, state=TrainState(step=replicated, params=params, opt_state=opt_state,
+                                               ema=ema),
                    batch=batch, replicated=replicated)
 
 
@@ -82,7 +106,8 @@ def init_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
                      out_shardings=sh.state.params)()
 
   def from_params(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    ema = _copy(params) if exp.train.ema_decay else None  # the EMA starts at the initial weights
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema)
 
   return jax.jit(from_params, out_shardings=sh.state, donate_argnums=0)(params)
 
@@ -92,10 +117,23 @@ def to_global(batch: dict, sh: Shardings) -> dict:
   return {k: host_to_global(np.asarray(v), sh.batch) for k, v in batch.items()}
 
 
-def abstract_state(exp: Experiment, tx, sh: Shardings) -> TrainState:
-  """The train state as shapes carrying their target shardings (restore / AOT compile)."""
+def abstract_state(exp: Experiment, tx, sh: Shardings, *, ema: bool | None = None) -> TrainState:
+  """The train state as shapes carrying their target shardings (restore / AOT compile). `ema`: with or
+  without the EMA field (default: as train.ema_decay says; a resume reads a checkpoint as it is)."""
   params = _abstract_params(exp)
+  ema = bool(exp.train.ema_decay) if ema is None else ema
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                      opt_state=jax.eval_shape(tx.init, params))
+                      opt_state=jax.eval_shape(tx.init, params), ema=params if ema else None)
+  shardings = sh.state.replace(ema=sh.state.params if ema else None)
   return jax.tree.map(lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard),
-                      shapes, sh.state)
+                      shapes, shardings)
+
+
+def start_ema(state: TrainState, sh: Shardings) -> TrainState:
+  """`state` with its EMA set to a copy of its params (a resume of a checkpoint saved without one)."""
+  return state.replace(ema=jax.jit(_copy, out_shardings=sh.state.params)(state.params))
+
+
+def _copy(tree):
+  # A distinct buffer per leaf: the train step donates the state, params and EMA alike.
+  return jax.tree.map(jnp.copy, tree)

@@ -30,6 +30,21 @@ def sum_over_micro_batches(fn, batch: dict, k: int):
   return jax.lax.scan(accumulate, zeros, micro)[0]
 
 
+def ema_decay_at(ema_decay: float, warmup_steps: int, step):
+  """The EMA's decay for the update of step `step` (0-based): train.ema_decay, ramped linearly from 0
+  at step 0 over the first `warmup_steps` (0: constant). The global step: exact across a resume."""
+  if not warmup_steps:
+    return jnp.float32(ema_decay)
+  return ema_decay * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+
+
+def ema_update(ema, params, decay):
+  """ema <- decay * ema + (1 - decay) * params, leaf by leaf, in fp32 (stored in the EMA's dtype)."""
+  def one(e, p):
+    return (decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype)
+  return jax.tree.map(one, ema, params)
+
+
 def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
   """(state, batch, teacher_params) -> (state, metrics); batch leaves are [global_batch, T, ...].
 
@@ -39,6 +54,10 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
   the weights once per token for every row, not once per micro-batch; the KV cache holds all rows).
   teacher_params (the mode's frozen inputs) is None except for online distillation and LoRA (the
   frozen base); it is an argument (never optimizer state).
+
+  With train.ema_decay > 0 the state's EMA follows the updated params (`ema_update`); a step skipped
+  as non-finite keeps it too. distill.anchor_kl_weight > 0 hands the EMA (before this step's update)
+  to the objective as its KL anchor (WARP).
   """
   k = exp.train.grad_accum_steps
   objective, sampling = mode.objective, mode.sampling
@@ -49,9 +68,11 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
     if lam:
       batch, gen = sample_responses(state, batch, teacher_params)
 
+    anchor = {"anchor": state.ema} if exp.anchored else {}
+
     def grads_and_sums(micro_batch):
       (_, s), g = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch,
-                                                              teacher_params, state.step)
+                                                              teacher_params, state.step, **anchor)
       return g, s
 
     grads, sums = sum_over_micro_batches(grads_and_sums, batch, k)
@@ -60,12 +81,16 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
     grads = jax.tree.map(lambda g: g / weight, grads)  # token-weighted mean over the whole batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = apply_updates(exp.optimizer, state.params, updates, state.step)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    ema = None
+    if state.ema is not None:
+      ema = ema_update(state.ema, params,
+                       ema_decay_at(exp.train.ema_decay, exp.train.ema_warmup_steps, state.step))
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     loss = sums.get("loss", sums["nll"]) / weight
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if exp.train.nonfinite == "skip":
-      # A skipped step keeps params and moments but still counts (the step, and optax's counts that
+      # A skipped step keeps params, moments and EMA but still counts (the step, and optax's counts that
       # drive its schedule): the learning rate applied stays the one logged for that step.
       new = jax.tree.map(
         lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o),
