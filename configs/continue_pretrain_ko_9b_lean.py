@@ -30,30 +30,24 @@ For the full corpora, point data.train.sources at tokenized shards as continue_p
 describes.
 """
 
-from gemma2_jax.model.config import gemma2_9b
-from gemma2_jax.training.experiment import base_config
+import importlib.util
+from pathlib import Path
 
 NUM_DEVICES = 1  # what this config is sized for (tests/test_configs.py reads it)
 
 
 def get_config():
-  model = gemma2_9b(dtype="bfloat16", param_dtype="bfloat16", attention_impl="auto",
-                    attention_block_size=512, remat="full")
-  c = base_config(model, steps=20_000, global_batch=16, seq_len=8192, grad_accum_steps=16,
-                  loss_chunk=1024, log_every=10, eval_every=500, eval_batches=8)
-  c.init_from = "/ckpt/gemma-2-9b"
+  # configs/continue_pretrain_ko_9b.py's data, evals, schedule and checkpoints; one device's model,
+  # batch and optimizer.
+  path = Path(__file__).resolve().with_name("continue_pretrain_ko_9b.py")
+  spec = importlib.util.spec_from_file_location("continue_pretrain_ko_9b", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.update(param_dtype="bfloat16", remat="full")
+  c.train.update(global_batch=16, grad_accum_steps=16, log_every=10, eval_batches=8)
+  c.train.benchmarks.every = 0  # lm-eval during training: see continue_pretrain_ko_9b.py to turn on
   c.optimizer.update(name="adafactor", adafactor_momentum=0.0, stochastic_rounding=True,
-                     learning_rate=2e-5, end_learning_rate=1e-6,
-                     schedule="cosine", warmup_steps=500, weight_decay=0.1)
-  c.data.tokenizer = "/ckpt/gemma-2-9b/tokenizer.model"
-  source = dict(c.data.train.sources[0])
-  c.data.train.sources = [
-    {**source, "name": "ko", "paths": ["gs://BUCKET/ko/*.jsonl"], "format": "jsonl", "weight": 0.7},
-    {**source, "name": "en", "paths": ["gs://BUCKET/en/*.jsonl"], "format": "jsonl", "weight": 0.3},
-  ]
-  c.data.eval = {  # two eval sets, logged as eval/ko/... and eval/en/...
-    name: {**dict(c.data.train), "sources": [
-      {**source, "name": f"{name}_eval", "paths": [f"gs://BUCKET/{name}_eval/*.jsonl"], "format": "jsonl"}]}
-    for name in ("ko", "en")}
-  c.checkpoint.update(save_every=500, save_every_minutes=30, keep_last=2, keep_every=5000)
+                     learning_rate=2e-5)
+  c.checkpoint.keep_last = 2
   return c

@@ -141,8 +141,8 @@ def part(module: str) -> str | None:
   parts = module.split(".")
   if len(parts) == 1:
     return "root"
-  if len(parts) == 2 and parts[1] in SHIMS:
-    return "shim"
+  if len(parts) == 2 and parts[1] in SHIMS or parts[1:] == ["benchmarks", "__main__"]:
+    return "shim"  # (`python -m gemma2_jax.benchmarks` is the package's __main__)
   return parts[1] if parts[1] in RANKS else None
 
 

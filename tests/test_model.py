@@ -69,7 +69,7 @@ def test_causal(tiny_model):
   assert np.abs(a[:, 8:] - b[:, 8:]).max() > 0
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "offload"])
 def test_remat_policies_do_not_change_values_or_gradients(tiny_model, remat):
   cfg = tiny_model.config
   tokens = _tokens(cfg)
@@ -83,6 +83,9 @@ def test_remat_policies_do_not_change_values_or_gradients(tiny_model, remat):
   l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg.replace(remat=remat))
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g1, g0)
+  if remat == "offload":  # the layer pairs' inputs saved for the backward live in host memory
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=remat)))
+    assert "<host>" in jaxpr
 
 
 def _count_eqns(jaxpr) -> int:

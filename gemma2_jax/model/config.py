@@ -14,7 +14,7 @@ from gemma2_jax.errors import UserError
 # (interpret mode elsewhere: tests only), "gpu_flash" the GPU kernel.
 AttentionImpl = Literal["auto", "xla", "blockwise", "splash", "gpu_flash"]
 ATTENTION_IMPLS = get_args(AttentionImpl)
-Remat = Literal["none", "full", "save_dots"]
+Remat = Literal["none", "full", "save_dots", "offload"]
 
 # The dtypes params, compute and KV caches may take, and the short names users type for them.
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -78,8 +78,8 @@ class ModelConfig:
       (self.sliding_window > 0, f"sliding_window must be positive, got {self.sliding_window}"),
       (self.attention_impl in ATTENTION_IMPLS,
        f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"),
-      (self.remat in ("none", "full", "save_dots"),
-       f"remat must be 'none', 'full' or 'save_dots', got {self.remat!r}"),
+      (self.remat in ("none", "full", "save_dots", "offload"),
+       f"remat must be 'none', 'full', 'save_dots' or 'offload', got {self.remat!r}"),
       (self.attention_block_size > 0,
        f"attention_block_size must be positive, got {self.attention_block_size}"),
     ]

@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from gemma2_jax.model.attention import attention
 from gemma2_jax.model.config import ModelConfig
@@ -195,6 +196,11 @@ def to_compute_dtype(tree, dtype):
 _REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # "full", with each layer pair's input (the residual stream the backward recomputes the pair from:
+  # [B, T, D] per pair, fp32) kept in host memory until the backward needs it, not in HBM.
+  "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[], names_which_can_be_offloaded=["pair_input"],
+    offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -213,6 +219,7 @@ def decoder(cfg: ModelConfig, layers, x_BTD, positions_BT, attend, caches=None, 
   dtype = jnp.dtype(cfg.dtype)
 
   def pair(x_BTD, xs):
+    x_BTD = checkpoint_name(x_BTD, "pair_input")  # what remat "offload" keeps on the host
     pair_params, (local_cache, global_cache) = xs
     pair_params = to_compute_dtype(pair_params, dtype)
     if isinstance(pair_params, tuple):  # unrolled: (local, global) trees
