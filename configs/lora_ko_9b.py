@@ -16,8 +16,9 @@ chip (32 GiB):
   python -m gemma2_jax.aot --config=configs/lora_ko_9b.py --topology=v6e:1x1
 -> 26.94 GiB peak (17.82 of arguments: the base, the adapters and their AdamW state). QLoRA (the
 base's projections in 4-bit NF4, 4.4 GiB, dequantized inside each layer as it runs):
---config.lora.quantize=nf4 -> 16.85 GiB peak at 8k, 14.21 GiB at --config.train.seq_len=4096 (fits a
-16 GiB v5e chip: --topology=v5e:1x1).
+--config.lora.quantize=nf4 -> 16.85 GiB peak at 8k; with --config.model.remat=offload as well (each
+layer pair's saved input, the fp32 residual stream, kept in host memory until the backward) 13.85 GiB:
+fits a 16 GiB v5e chip (--topology=v5e:1x1) or a 24 GB GPU at 8k tokens per row.
 The workdir gets checkpoints of the adapters and their optimizer state (resumable: re-run the same
 command), then peft_step2000/ (a PEFT adapter for HF transformers' Gemma2ForCausalLM) and
 hf_step2000/ (the merged weights, bfloat16).

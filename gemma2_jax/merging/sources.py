@@ -296,13 +296,14 @@ class LoraSource(Source):
     return x.astype(np.float32) + b[r0:r1] @ a
 
 
-def split_lora(path: str) -> tuple[str, str | None]:
+def split_lora(path: str | os.PathLike) -> tuple[str | os.PathLike, str | None]:
   """mergekit's `model+adapter` reference -> (model, adapter); a path that exists is a model."""
-  if "+" not in path or paths.as_path(path).exists():
+  text = os.fspath(path)
+  if "+" not in text or paths.as_path(text).exists():
     return path, None
-  for i in (i for i, ch in enumerate(path) if ch == "+"):
-    if peft.is_peft_dir(path[i + 1:]):
-      return path[:i], path[i + 1:]
+  for i in (i for i, ch in enumerate(text) if ch == "+"):
+    if peft.is_peft_dir(text[i + 1:]):
+      return text[:i], text[i + 1:]
   raise MergeError(f"{path}: neither a checkpoint nor MODEL+ADAPTER with a PEFT adapter directory "
                    f"(holding {peft.CONFIG_FILE}) after a '+'")
 
