@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.hf_utils
@@ -82,20 +81,16 @@ def rolling_requests(n: int, chars: int, rng) -> list:
 
 
 def save_model(path: Path, a):
-  from transformers import Gemma2ForCausalLM, GemmaTokenizer
+  from transformers import GemmaTokenizer
 
   from gemma2_jax.model.config import tiny
-  from tests.hf_utils import hf_config
+  from tests.hf_utils import random_hf_model
 
   heads = a.d_model // 64
   cfg = tiny(vocab_size=1024, num_layers=a.layers, d_model=a.d_model, num_heads=heads,
              num_kv_heads=max(heads // 2, 1), head_dim=64, ffn_dim=4 * a.d_model,
              query_pre_attn_scalar=64, sliding_window=a.window)
-  torch.manual_seed(0)
-  hf = Gemma2ForCausalLM(hf_config(cfg)).eval()
-  with torch.no_grad():
-    for name, w in hf.named_parameters():
-      w.copy_(torch.randn_like(w) * (0.3 if "norm" in name else 0.05))
+  hf = random_hf_model(cfg, seed=0, scale=0.05)
   hf.save_pretrained(path)
   (path / "sp").mkdir()
   shutil.copy(SP_MODEL, path / "sp" / "tokenizer.model")

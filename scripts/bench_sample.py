@@ -42,22 +42,17 @@ def main():
     p.set_defaults(d_model=64, layers=2, vocab=512, batch=2, prompt=8, new=8, window=8, runs=1)
     a = p.parse_args()
 
-  from transformers import Gemma2ForCausalLM
 
   from gemma2_jax.checkpoint import load_model
   from gemma2_jax.inference.sampler import Sampler, SamplingConfig, cache_bytes
   from gemma2_jax.model.config import gemma2_9b, tiny
-  from tests.hf_utils import hf_config
+  from tests.hf_utils import random_hf_model
 
   heads = a.d_model // 64
   cfg = tiny(vocab_size=a.vocab, num_layers=a.layers, d_model=a.d_model, num_heads=heads,
              num_kv_heads=max(heads // 2, 1), head_dim=64, ffn_dim=4 * a.d_model,
              query_pre_attn_scalar=64, sliding_window=a.window)
-  torch.manual_seed(0)
-  hf = Gemma2ForCausalLM(hf_config(cfg)).eval()
-  with torch.no_grad():
-    for name, w in hf.named_parameters():
-      w.copy_(torch.randn_like(w) * (0.3 if "norm" in name else 0.05))
+  hf = random_hf_model(cfg, seed=0, scale=0.05)
   rng = np.random.default_rng(0)
   prompts = [[2, *rng.integers(4, a.vocab, a.prompt - 1).tolist()] for _ in range(a.batch)]
 

@@ -25,7 +25,6 @@ one checkpoint per eta under DIR/eta_<eta>. `--seed` seeds DARE's random drops. 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from gemma2_jax.cli.common import ArgumentParser, run_job
 
@@ -68,6 +67,3 @@ def main(argv=None) -> int:
 
   return run_job(args, body)
 
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -142,8 +142,11 @@ def typed(cls, section: str, values: dict, **extra):
   unknown = sorted(set(values) - set(hints))
   if unknown:
     raise ConfigError(f"unknown key {section}.{unknown[0]} (valid keys: {', '.join(sorted(hints))})")
+  values = dict(values)
   for key, value in values.items():
-    if not _type_ok(value, hints[key]):
+    if dataclasses.is_dataclass(hints[key]) and (value is None or isinstance(value, dict)):
+      values[key] = typed(hints[key], f"{section}.{key}", value or {})  # a nested section
+    elif not _type_ok(value, hints[key]):
       raise ConfigError(f"{section}.{key} = {value!r} has type {type(value).__name__}, expected "
                         f"{hints[key]}")
   try:
@@ -220,9 +223,7 @@ def from_config(config, *, num_devices: int, num_slices: int = 1) -> Experiment:
   if missing:
     raise ConfigError(f"config lacks the {missing[0]!r} section")
   model = typed(ModelConfig, "model", c["model"])
-  train_values = dict(c["train"])
-  benchmarks = typed(BenchmarksConfig, "train.benchmarks", dict(train_values.pop("benchmarks", None) or {}))
-  train = typed(TrainConfig, "train", train_values, benchmarks=benchmarks)
+  train = typed(TrainConfig, "train", c["train"])
   optimizer = typed(OptimizerConfig, "optimizer", c.get("optimizer", {}))
   try:
     optimizer.check_param_dtype(model.param_dtype)
@@ -255,23 +256,7 @@ def from_config(config, *, num_devices: int, num_slices: int = 1) -> Experiment:
   except MeshError as e:
     raise ConfigError(str(e)) from None
 
-  teacher = distill = None
-  offline_paths = ""
-  if c.get("distill"):
-    d = dict(c["distill"])
-    offline_paths = d.pop("offline_paths", "") or ""
-    distill = typed(DistillConfig, "distill", d)
-    teacher_cfg = c.get("teacher") or {}
-    if teacher_cfg.get("checkpoint"):
-      if offline_paths:
-        raise ConfigError("set either teacher.checkpoint (online) or distill.offline_paths (offline "
-                          "top-k records), not both")
-      teacher = typed(TeacherConfig, "teacher", teacher_cfg)
-    elif not offline_paths:
-      raise ConfigError("distill is set but there is no teacher: set teacher.checkpoint (online) or "
-                        "distill.offline_paths (records from python -m gemma2_jax.teacher_logits)")
-  elif c.get("teacher") and c["teacher"].get("checkpoint"):
-    teacher = typed(TeacherConfig, "teacher", c["teacher"])  # e.g. for teacher_logits
+  teacher, distill, offline_paths = _teacher_and_distill(c)
 
   data = c["data"]
   unknown = sorted(set(data) - {"tokenizer", "train", "eval"})
@@ -289,18 +274,45 @@ def from_config(config, *, num_devices: int, num_slices: int = 1) -> Experiment:
   if distill is not None and distill.onpolicy_lambda > 0:
     _check_onpolicy(distill, teacher, data_train, train)
   if distill is not None and distill.anchor_kl_weight > 0:
-    if teacher is None:
-      raise ConfigError("distill.anchor_kl_weight > 0 needs online distillation (teacher.checkpoint): "
-                        "the EMA anchor's KL is taken beside the teacher's, inside the step")
-    if not train.ema_decay:
-      raise ConfigError("distill.anchor_kl_weight > 0 needs the student's EMA as its anchor: set "
-                        "train.ema_decay > 0 (WARP: 0.99)")
+    _check_anchor(teacher, train)
   init_from = str(c.get("init_from") or "")
   lora = _lora_config(c.get("lora"), model, init_from)
   return Experiment(model=model, mesh=mesh, rules=rules, optimizer=optimizer, train=train,
                     data_train=data_train, data_eval=data_eval, tokenizer=str(data["tokenizer"]),
                     init_from=init_from, checkpoint=ckpt, teacher=teacher,
                     distill=distill, offline_paths=offline_paths, lora=lora)
+
+
+def _teacher_and_distill(c: dict) -> tuple[TeacherConfig | None, DistillConfig | None, str]:
+  """(teacher, distill, offline_paths) of the config: online (a teacher checkpoint), offline (top-k
+  records) or no distillation; a teacher alone is kept (e.g. for teacher_logits)."""
+  if not c.get("distill"):
+    if c.get("teacher") and c["teacher"].get("checkpoint"):
+      return typed(TeacherConfig, "teacher", c["teacher"]), None, ""
+    return None, None, ""
+  d = dict(c["distill"])
+  offline_paths = d.pop("offline_paths", "") or ""
+  distill = typed(DistillConfig, "distill", d)
+  teacher_cfg = c.get("teacher") or {}
+  if teacher_cfg.get("checkpoint"):
+    if offline_paths:
+      raise ConfigError("set either teacher.checkpoint (online) or distill.offline_paths (offline "
+                        "top-k records), not both")
+    return typed(TeacherConfig, "teacher", teacher_cfg), distill, offline_paths
+  if not offline_paths:
+    raise ConfigError("distill is set but there is no teacher: set teacher.checkpoint (online) or "
+                      "distill.offline_paths (records from python -m gemma2_jax.teacher_logits)")
+  return None, distill, offline_paths
+
+
+def _check_anchor(teacher, train: TrainConfig):
+  """WARP's EMA KL anchor's requirements (distill.anchor_kl_weight > 0), each as one line."""
+  if teacher is None:
+    raise ConfigError("distill.anchor_kl_weight > 0 needs online distillation (teacher.checkpoint): "
+                      "the EMA anchor's KL is taken beside the teacher's, inside the step")
+  if not train.ema_decay:
+    raise ConfigError("distill.anchor_kl_weight > 0 needs the student's EMA as its anchor: set "
+                      "train.ema_decay > 0 (WARP: 0.99)")
 
 
 def _lora_config(d: dict | None, model: ModelConfig, init_from: str) -> LoraConfig | None:

@@ -45,6 +45,13 @@ def ema_update(ema, params, decay):
   return jax.tree.map(one, ema, params)
 
 
+def logged_sums(sums: dict, weight) -> dict:
+  """A step's sums as logged: those METRIC_NAMES names (but nll, logged as `ce`) per token weight,
+  the on-policy counts (ONPOLICY_SUMS) raw: the loop turns them into rates over each log window."""
+  out = {name: sums[key] / weight for key, name in METRIC_NAMES.items() if key in sums and key != "nll"}
+  return {**out, **{key: sums[key] for key in ONPOLICY_SUMS if key in sums}}
+
+
 def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
   """(state, batch, teacher_params) -> (state, metrics); batch leaves are [global_batch, T, ...].
 
@@ -81,10 +88,8 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
     grads = jax.tree.map(lambda g: g / weight, grads)  # token-weighted mean over the whole batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = apply_updates(exp.optimizer, state.params, updates, state.step)
-    ema = None
-    if state.ema is not None:
-      ema = ema_update(state.ema, params,
-                       ema_decay_at(exp.train.ema_decay, exp.train.ema_warmup_steps, state.step))
+    ema = None if state.ema is None else ema_update(
+      state.ema, params, ema_decay_at(exp.train.ema_decay, exp.train.ema_warmup_steps, state.step))
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     loss = sums.get("loss", sums["nll"]) / weight
     grad_norm = global_norm(grads)
@@ -97,13 +102,8 @@ def make_train_step(exp: Experiment, mode: Mode, tx, schedule):
         new, state)
     metrics = {"loss": loss, "ce": sums["nll"] / weight, "accuracy": sums["correct"] / weight,
                "tokens": sums["weight"], "grad_norm": grad_norm,
-               "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32)}
-    for key, name in METRIC_NAMES.items():
-      if key in sums and key != "nll":
-        metrics[name] = sums[key] / weight
-    for key in ONPOLICY_SUMS:  # raw sums: the loop turns them into rates over each log window
-      if key in sums:
-        metrics[key] = sums[key]
+               "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32),
+               **logged_sums(sums, weight)}
     if exp.distill is not None:
       metrics["alpha"], metrics["temperature"] = (
         jnp.asarray(v, jnp.float32) for v in distill_schedule(exp.distill, state.step))
